@@ -1,0 +1,196 @@
+//! The native command line (clap), turned into a [`Config`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::config::{self, Forward, Resolver, StartError, parse_duration, parse_size};
+use crate::event_loop::LoopSettings;
+use crate::proxy_protocol::Version;
+use crate::tcp::TcpSettings;
+use crate::tcp::connection::Timeouts;
+use crate::udp::UdpSettings;
+
+/// Default pipe capacity; see the benchmark figures in README.md.
+pub const DEFAULT_PIPE_SIZE: usize = 256 * 1024;
+
+const EXAMPLES: &str = "\
+Examples:
+  splice-relay '[::]:8080=127.0.0.1:80'
+      TCP on port 8080 of every IPv6 and IPv4 address, to 127.0.0.1:80
+  splice-relay 'udp:[::]:5353=127.0.0.1:53' 'both:0.0.0.0:5201=[::1]:5201'
+      UDP, and TCP+UDP on one port (iperf3)
+  splice-relay '127.0.0.1:9000-9099=10.0.0.2:9000-9099'
+      a 100-port range in one process
+  splice-relay --send-proxy v2 '[::]:443=127.0.0.1:8443'
+      tell the backend each client's real address (PROXY protocol)
+
+FORWARD is [tcp:|udp:|both:]LISTEN=TARGET[,send-proxy=v1|v2][,accept-proxy]
+LISTEN and TARGET are IPv4:PORT or [IPv6]:PORT (TARGET may be HOST:PORT);
+PORT may be a range A-B, of equal width on both sides.
+Durations: 500ms, 10s, 5m, 1h. Sizes: 65536, 256K, 1M.
+Logging: RUST_LOG=debug, or -v / -q.";
+
+/// A Linux TCP/UDP port relay: splice(2) for TCP, batched recvmmsg/sendmmsg for UDP.
+#[derive(Parser, Debug, Default)]
+#[command(name = "splice-relay", version, after_help = EXAMPLES)]
+pub struct Args {
+    /// What to relay: [PROTO:]LISTEN=TARGET (see below).
+    #[arg(value_name = "FORWARD")]
+    pub forwards: Vec<String>,
+    /// Read forwards from FILE, one per line (# comments); repeatable.
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Vec<String>,
+    /// Make a [::] listener IPv6-only (default: it also takes IPv4).
+    #[arg(long)]
+    pub ipv6_only: bool,
+    /// Open TCP connections at most, across all forwards (0: no limit).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_connections: usize,
+    /// Open TCP connections at most per client address (0: no limit).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_connections_per_source: usize,
+    /// Give up on a backend connect after this long.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Close TCP connections idle this long (default: never).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// Close a TCP connection this long after one side finished (0: never).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub half_close_timeout: Duration,
+    /// Pipe capacity per direction in flight.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub pipe_size: Option<usize>,
+    /// Copy through a small user-space buffer instead of splice(2).
+    #[arg(long)]
+    pub no_splice: bool,
+    /// On SIGTERM/SIGINT, stop accepting and let connections finish this long.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Close a UDP flow after this long without traffic either way.
+    #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = parse_duration)]
+    pub udp_timeout: Duration,
+    /// UDP flows at most (the least recently used is evicted when full).
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    pub udp_max_flows: usize,
+    /// Send a PROXY protocol header (v1 or v2) to every backend.
+    #[arg(long, value_name = "VERSION", value_parser = parse_version)]
+    pub send_proxy: Option<Version>,
+    /// Expect a PROXY protocol header from clients on every TCP forward.
+    #[arg(long)]
+    pub accept_proxy: bool,
+    /// Sources allowed to send a PROXY header: CIDR,CIDR,...
+    #[arg(long, value_name = "CIDRS")]
+    pub trusted_proxies: Option<String>,
+    /// Bound on reading a client's PROXY header.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub proxy_header_timeout: Duration,
+    /// Log totals this often (SIGUSR1 logs them at once).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub stats_interval: Option<Duration>,
+    /// Serve Prometheus metrics over HTTP on ADDR (e.g. 127.0.0.1:9100).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// More logging (-v debug, -vv trace).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Less logging (-q warnings only, -qq errors only).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub quiet: u8,
+}
+
+fn parse_version(s: &str) -> Result<Version, String> {
+    match s {
+        "v1" | "1" => Ok(Version::V1),
+        "v2" | "2" => Ok(Version::V2),
+        _ => Err(format!("{s:?} is not a PROXY protocol version (v1 or v2)")),
+    }
+}
+
+/// Everything the relay needs to start.
+#[derive(Debug)]
+pub struct Config {
+    /// The forwards, ranges expanded.
+    pub forwards: Vec<Forward>,
+    /// `[::]` listeners take IPv4 too unless this is set.
+    pub ipv6_only: bool,
+    /// TCP settings.
+    pub tcp: TcpSettings,
+    /// UDP settings.
+    pub udp: UdpSettings,
+    /// Loop settings.
+    pub event_loop: LoopSettings,
+    /// Metrics endpoint.
+    pub metrics: Option<SocketAddr>,
+    /// Log level from -v/-q (RUST_LOG wins when set).
+    pub log_level: log::LevelFilter,
+}
+
+impl Args {
+    /// Turns the arguments into a config: reads config files, expands
+    /// ranges, resolves host names, applies global options.
+    pub fn into_config(self, resolve: Resolver<'_>) -> Result<Config, StartError> {
+        let mut forwards = Vec::new();
+        for path in &self.config {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| StartError::Runtime(format!("cannot read config file {path}: {e}")))?;
+            forwards.extend(config::parse_config(path, &text, resolve)?);
+        }
+        for f in &self.forwards {
+            forwards.extend(config::parse_forward(f, resolve)?);
+        }
+        for f in &mut forwards {
+            f.send_proxy = f.send_proxy.or(self.send_proxy);
+            f.accept_proxy |= self.accept_proxy;
+        }
+        let trusted = match &self.trusted_proxies {
+            Some(s) => {
+                crate::cidr::Cidr::parse_list(s).map_err(|e| StartError::Usage(format!("--trusted-proxies: {e}")))?
+            }
+            None => Vec::new(),
+        };
+        if forwards.iter().any(|f| f.accept_proxy) && trusted.is_empty() {
+            return Err(StartError::Usage(
+                "accept-proxy needs --trusted-proxies (e.g. 10.0.0.0/8; 0.0.0.0/0,::/0 trusts everyone)".into(),
+            ));
+        }
+        if self.udp_max_flows == 0 {
+            return Err(StartError::Usage("--udp-max-flows must be at least 1".into()));
+        }
+        if self.udp_timeout.is_zero() {
+            return Err(StartError::Usage("--udp-timeout must be more than 0".into()));
+        }
+        let level = match (self.verbose as i32) - (self.quiet as i32) {
+            i32::MIN..=-2 => log::LevelFilter::Error,
+            -1 => log::LevelFilter::Warn,
+            0 => log::LevelFilter::Info,
+            1 => log::LevelFilter::Debug,
+            _ => log::LevelFilter::Trace,
+        };
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        Ok(Config {
+            forwards,
+            ipv6_only: self.ipv6_only,
+            tcp: TcpSettings {
+                max_connections: self.max_connections,
+                max_per_source: self.max_connections_per_source,
+                timeouts: Timeouts {
+                    connect: self.connect_timeout,
+                    idle: self.idle_timeout.and_then(nonzero),
+                    half_close: nonzero(self.half_close_timeout),
+                    header: self.proxy_header_timeout,
+                },
+                splice: !self.no_splice,
+                pipe_size: self.pipe_size.unwrap_or(DEFAULT_PIPE_SIZE),
+                pipe_spare: 32,
+                trusted,
+            },
+            udp: UdpSettings { timeout: self.udp_timeout, max_flows: self.udp_max_flows },
+            event_loop: LoopSettings { drain_timeout: self.drain_timeout, stats_interval: self.stats_interval },
+            metrics: self.metrics,
+            log_level: level,
+        })
+    }
+}

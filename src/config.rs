@@ -1,0 +1,359 @@
+//! What to relay and how: the FORWARD syntax, config files, durations and sizes.
+//!
+//! Everything here is pure (no sockets) except host-name resolution, which
+//! the caller passes in, so the parsers are unit-tested and fuzzed directly.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use crate::proxy_protocol::Version;
+
+/// Which transport a forward relays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    /// TCP only (the default).
+    Tcp,
+    /// UDP only.
+    Udp,
+    /// TCP and UDP on the same port.
+    Both,
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Both => "tcp+udp",
+        })
+    }
+}
+
+impl Proto {
+    /// True if TCP is relayed.
+    pub fn tcp(self) -> bool {
+        matches!(self, Proto::Tcp | Proto::Both)
+    }
+
+    /// True if UDP is relayed.
+    pub fn udp(self) -> bool {
+        matches!(self, Proto::Udp | Proto::Both)
+    }
+}
+
+/// One listening port relayed to one target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Forward {
+    /// Transport(s).
+    pub proto: Proto,
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Where to connect.
+    pub target: SocketAddr,
+    /// Write a PROXY header of this version to the target first.
+    pub send_proxy: Option<Version>,
+    /// Read a PROXY header from (trusted) clients first.
+    pub accept_proxy: bool,
+    /// The text this forward came from, for logs and statistics.
+    pub spec: String,
+}
+
+/// A start-up failure: `Usage` (exit 2) for bad syntax, `Runtime` (exit 1)
+/// for what the machine refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartError {
+    /// The command line or a config file is malformed.
+    Usage(String),
+    /// The system refused (address in use, unresolvable host, unreadable file).
+    Runtime(String),
+}
+
+impl StartError {
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StartError::Usage(_) => 2,
+            StartError::Runtime(_) => 1,
+        }
+    }
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Usage(m) | StartError::Runtime(m) => f.write_str(m),
+        }
+    }
+}
+
+/// Resolves a host name to an address (the real one asks the system resolver).
+pub type Resolver<'a> = &'a dyn Fn(&str) -> Result<IpAddr, String>;
+
+/// The system resolver: the first address `getaddrinfo` returns.
+pub fn system_resolver(host: &str) -> Result<IpAddr, String> {
+    use std::net::ToSocketAddrs;
+    let mut addrs = (host, 0u16).to_socket_addrs().map_err(|e| format!("cannot resolve target host {host:?}: {e}"))?;
+    addrs.next().map(|a| a.ip()).ok_or_else(|| format!("target host {host:?} has no address"))
+}
+
+/// Parses one FORWARD, `[PROTO:]LISTEN=TARGET[,OPTION...]`, expanding port
+/// ranges into one `Forward` per port.
+pub fn parse_forward(text: &str, resolve: Resolver<'_>) -> Result<Vec<Forward>, StartError> {
+    let usage = |msg: String| StartError::Usage(format!("invalid forward {text:?}: {msg}"));
+    let spec = text.trim();
+    let mut parts = spec.split(',');
+    let main = parts.next().unwrap_or_default();
+    let (proto, rest) = match main.split_once(':') {
+        Some(("tcp", r)) => (Proto::Tcp, r),
+        Some(("udp", r)) => (Proto::Udp, r),
+        Some(("both", r)) => (Proto::Both, r),
+        Some((p, r))
+            if !p.is_empty()
+                && p.chars().all(|c| c.is_ascii_alphabetic())
+                && r.split('=').next().is_some_and(|l| l.contains(':')) =>
+        {
+            return Err(usage(format!("unknown protocol {p:?} (expected tcp, udp or both)")));
+        }
+        _ => (Proto::Tcp, main),
+    };
+    let Some((listen, target)) = rest.split_once('=') else {
+        return Err(usage("expected LISTEN=TARGET, e.g. [::]:8080=127.0.0.1:80".into()));
+    };
+    let (listen_host, listen_ports) = split_host_port(listen).map_err(|m| usage(format!("listen address: {m}")))?;
+    let listen_ip: IpAddr = listen_host
+        .parse()
+        .map_err(|_| usage(format!("listen address {listen_host:?} is not an IPv4 or [IPv6] address")))?;
+    let (target_host, target_ports) = split_host_port(target).map_err(|m| usage(format!("target: {m}")))?;
+    let (l_lo, l_hi) = parse_ports(listen_ports).map_err(|m| usage(format!("listen port: {m}")))?;
+    let (t_lo, t_hi) = parse_ports(target_ports).map_err(|m| usage(format!("target port: {m}")))?;
+    if l_hi - l_lo != t_hi - t_lo {
+        return Err(usage(format!(
+            "port ranges differ in width ({} listen ports, {} target ports)",
+            l_hi - l_lo + 1,
+            t_hi - t_lo + 1
+        )));
+    }
+    let mut send_proxy = None;
+    let mut accept_proxy = false;
+    for opt in parts {
+        match opt {
+            "send-proxy=v1" => send_proxy = Some(Version::V1),
+            "send-proxy=v2" => send_proxy = Some(Version::V2),
+            "accept-proxy" => accept_proxy = true,
+            _ => {
+                return Err(usage(format!(
+                    "unknown option {opt:?} (expected send-proxy=v1, send-proxy=v2 or accept-proxy)"
+                )));
+            }
+        }
+    }
+    let target_ip = match target_host.parse::<IpAddr>() {
+        Ok(ip) => ip,
+        Err(_) if target_host.starts_with('[') || target_host.is_empty() => {
+            return Err(usage(format!("target address {target_host:?} is not valid")));
+        }
+        Err(_) => resolve(target_host).map_err(StartError::Runtime)?,
+    };
+    Ok((0..=(l_hi - l_lo))
+        .map(|i| Forward {
+            proto,
+            listen: SocketAddr::new(listen_ip, l_lo + i),
+            target: SocketAddr::new(target_ip, t_lo + i),
+            send_proxy,
+            accept_proxy,
+            spec: spec.to_string(),
+        })
+        .collect())
+}
+
+/// Splits `HOST:PORTS` or `[IPv6]:PORTS`, removing the brackets.
+fn split_host_port(s: &str) -> Result<(&str, &str), String> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or("missing ']' after an IPv6 address")?;
+        let ports = after.strip_prefix(':').ok_or("expected :PORT after ']'")?;
+        return Ok((host, ports));
+    }
+    let (host, ports) = s.rsplit_once(':').ok_or(format!("{s:?} has no :PORT"))?;
+    if host.contains(':') {
+        return Err(format!("IPv6 address {host:?} must be in brackets, e.g. [{host}]:{ports}"));
+    }
+    if host.is_empty() {
+        return Err(format!("{s:?} has no address before the port"));
+    }
+    Ok((host, ports))
+}
+
+/// Parses `PORT` or `A-B` (1-65535, A <= B).
+fn parse_ports(s: &str) -> Result<(u16, u16), String> {
+    let one = |p: &str| -> Result<u16, String> {
+        if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!("{p:?} is not a port number"));
+        }
+        match p.parse::<u32>() {
+            Ok(n @ 1..=65535) => Ok(n as u16),
+            _ => Err(format!("{p} is out of range (1-65535)")),
+        }
+    };
+    match s.split_once('-') {
+        Some((a, b)) => {
+            let (a, b) = (one(a)?, one(b)?);
+            if a > b {
+                return Err(format!("range {a}-{b} runs backwards"));
+            }
+            Ok((a, b))
+        }
+        None => one(s).map(|p| (p, p)),
+    }
+}
+
+/// Parses a config file's text: one FORWARD per line, blank lines and `#`
+/// comments allowed. Errors name the file and line.
+pub fn parse_config(name: &str, text: &str, resolve: Resolver<'_>) -> Result<Vec<Forward>, StartError> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let fwd = parse_forward(line, resolve).map_err(|e| match e {
+            StartError::Usage(m) => StartError::Usage(format!("{name}:{}: {m}", i + 1)),
+            StartError::Runtime(m) => StartError::Runtime(format!("{name}:{}: {m}", i + 1)),
+        })?;
+        out.extend(fwd);
+    }
+    Ok(out)
+}
+
+/// Parses a duration: `250ms`, `10s`, `5m`, `1h`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 10s, 5m, 1h)"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    Ok(d)
+}
+
+/// Parses a size in bytes: `65536`, `64K`, `1M` (binary units).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 65536, 256K, 1M)"))?;
+    let mult = match unit {
+        "" => 1,
+        "k" | "K" | "KiB" => 1 << 10,
+        "m" | "M" | "MiB" => 1 << 20,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K or M)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_dns(host: &str) -> Result<IpAddr, String> {
+        match host {
+            "backend.test" => Ok("127.0.0.9".parse().unwrap()),
+            _ => Err(format!("cannot resolve target host {host:?}")),
+        }
+    }
+
+    fn one(s: &str) -> Forward {
+        let mut v = parse_forward(s, &no_dns).unwrap();
+        assert_eq!(v.len(), 1);
+        v.remove(0)
+    }
+
+    fn err(s: &str) -> String {
+        match parse_forward(s, &no_dns) {
+            Err(StartError::Usage(m)) => m,
+            other => panic!("{s}: expected a usage error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn plain_forwards() {
+        let f = one("[::]:8080=127.0.0.1:80");
+        assert_eq!(f.proto, Proto::Tcp);
+        assert_eq!(f.listen, "[::]:8080".parse().unwrap());
+        assert_eq!(f.target, "127.0.0.1:80".parse().unwrap());
+        assert_eq!(one("udp:0.0.0.0:53=[::1]:5353").proto, Proto::Udp);
+        let f = one("both:127.0.0.1:5201=backend.test:5201,send-proxy=v2,accept-proxy");
+        assert_eq!(f.proto, Proto::Both);
+        assert_eq!(f.target, "127.0.0.9:5201".parse().unwrap());
+        assert_eq!(f.send_proxy, Some(Version::V2));
+        assert!(f.accept_proxy);
+    }
+
+    #[test]
+    fn ranges_expand_port_by_port() {
+        let v = parse_forward("127.0.0.1:9000-9009=127.0.0.1:7000-7009", &no_dns).unwrap();
+        assert_eq!(v.len(), 10);
+        assert_eq!(v[9].listen.port(), 9009);
+        assert_eq!(v[9].target.port(), 7009);
+    }
+
+    #[test]
+    fn bad_forwards_say_what_is_wrong() {
+        assert!(err("127.0.0.1:0=127.0.0.1:80").contains("0 is out of range"));
+        assert!(err("127.0.0.1:65536=127.0.0.1:80").contains("65536 is out of range"));
+        assert!(err("127.0.0.1:1-3=127.0.0.1:1-2").contains("differ in width"));
+        assert!(err("127.0.0.1:80").contains("LISTEN=TARGET"));
+        assert!(err("sctp:127.0.0.1:80=127.0.0.1:80").contains("unknown protocol"));
+        assert!(err("::1:80=127.0.0.1:80").contains("brackets"));
+        assert!(err("localhost:80=127.0.0.1:80").contains("not an IPv4"));
+        assert!(err("127.0.0.1:80=127.0.0.1:80,bogus").contains("unknown option"));
+        assert!(err("127.0.0.1:9-1=127.0.0.1:9-1").contains("backwards"));
+        assert!(err("[::1:80=127.0.0.1:80").contains("']'"));
+        let e = parse_forward("127.0.0.1:80=nowhere.invalid:80", &no_dns).unwrap_err();
+        assert_eq!(e.exit_code(), 1);
+        assert!(e.to_string().contains("nowhere.invalid"));
+    }
+
+    #[test]
+    fn config_files_skip_comments_and_name_lines() {
+        let text = "# forwards\n\n127.0.0.1:1=127.0.0.1:2  # inline\nudp:[::1]:3=[::1]:4\n";
+        let v = parse_config("relay.conf", text, &no_dns).unwrap();
+        assert_eq!(v.len(), 2);
+        let e = parse_config("relay.conf", "127.0.0.1:1=127.0.0.1:2\nbad line\n", &no_dns).unwrap_err();
+        assert!(e.to_string().starts_with("relay.conf:2: "), "{e}");
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("10x").is_err());
+        assert!(parse_duration("").is_err());
+        assert_eq!(parse_size("256K"), Ok(262144));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert!(parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn parsers_never_panic_on_noise() {
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        let alphabet = b"0123456789:[]=-,.abtcpudv ";
+        for _ in 0..50_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 40) as usize;
+            let s: String =
+                (0..len).map(|i| alphabet[((x >> (i % 50)) as usize + i * 7) % alphabet.len()] as char).collect();
+            let _ = parse_forward(&s, &no_dns);
+            let _ = parse_duration(&s);
+            let _ = parse_size(&s);
+        }
+    }
+}

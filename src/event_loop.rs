@@ -1,0 +1,232 @@
+//! The one thread: a mio `Poll`, its tokens, deadlines, signals and shutdown.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use crate::tcp::TcpRelay;
+use crate::timer::{Timer, Timers};
+use crate::udp::UdpRelay;
+
+/// What a token points at; the low three bits of every token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A TCP listener (index into the listeners).
+    Listener = 0,
+    /// A connection's client socket (slab key).
+    Client = 1,
+    /// A connection's backend socket (slab key).
+    Backend = 2,
+    /// A UDP listening socket (index).
+    UdpListener = 3,
+    /// A UDP flow's socket to the backend (slab key).
+    UdpFlow = 4,
+    /// The signalfd.
+    Signal = 5,
+    /// The metrics HTTP listener.
+    Metrics = 6,
+    /// A metrics HTTP client.
+    MetricsConn = 7,
+}
+
+/// The token for `index` of `kind`.
+pub fn token(kind: Kind, index: usize) -> Token {
+    Token((index << 3) | kind as usize)
+}
+
+/// Splits a token into its kind and index.
+pub fn untoken(t: Token) -> (Kind, usize) {
+    let kind = match t.0 & 7 {
+        0 => Kind::Listener,
+        1 => Kind::Client,
+        2 => Kind::Backend,
+        3 => Kind::UdpListener,
+        4 => Kind::UdpFlow,
+        5 => Kind::Signal,
+        6 => Kind::Metrics,
+        _ => Kind::MetricsConn,
+    };
+    (kind, t.0 >> 3)
+}
+
+/// What every handler needs from the loop: where to register, when it is,
+/// and where to put deadlines.
+pub struct Ctx<'a> {
+    /// The poll's registry.
+    pub registry: &'a Registry,
+    /// Pending deadlines.
+    pub timers: &'a mut Timers,
+    /// The time the current wake-up started.
+    pub now: Instant,
+}
+
+/// Process-wide behaviour of the loop.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoopSettings {
+    /// On SIGTERM/SIGINT, let open connections finish for this long.
+    pub drain_timeout: Duration,
+    /// Log totals this often (None: only on SIGUSR1).
+    pub stats_interval: Option<Duration>,
+}
+
+/// The relay process: every socket, one poll.
+pub struct EventLoop {
+    poll: Poll,
+    timers: Timers,
+    signals: SignalFd,
+    /// The TCP side.
+    pub tcp: TcpRelay,
+    /// The UDP side.
+    pub udp: UdpRelay,
+    /// The metrics endpoint, if any.
+    pub metrics: Option<crate::metrics::Metrics>,
+    settings: LoopSettings,
+    draining: bool,
+}
+
+impl EventLoop {
+    /// A loop with no sockets yet; blocks SIGINT, SIGTERM and SIGUSR1 so they
+    /// arrive through a signalfd.
+    pub fn new(tcp: TcpRelay, udp: UdpRelay, settings: LoopSettings) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let mut mask = SigSet::empty();
+        for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGUSR1, Signal::SIGHUP] {
+            mask.add(s);
+        }
+        mask.thread_block()?;
+        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+        let raw = signals.as_raw_fd();
+        poll.registry().register(&mut SourceFd(&raw), token(Kind::Signal, 0), Interest::READABLE)?;
+        Ok(EventLoop { poll, timers: Timers::default(), signals, tcp, udp, metrics: None, settings, draining: false })
+    }
+
+    /// The registry, to add sockets before `run`.
+    pub fn registry(&self) -> &Registry {
+        self.poll.registry()
+    }
+
+    /// Runs until a signal ends the process (then `Ok`) or the poll fails.
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let now = Instant::now();
+        if let Some(every) = self.settings.stats_interval {
+            self.timers.add(now + every, Timer::Stats);
+        }
+        self.udp.start(&mut Ctx { registry: self.poll.registry(), timers: &mut self.timers, now });
+        loop {
+            let timeout = if self.tcp.has_ready() || self.udp.has_ready() {
+                Some(Duration::ZERO)
+            } else {
+                self.timers.next_timeout(Instant::now())
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let now = Instant::now();
+            let mut ctx = Ctx { registry: self.poll.registry(), timers: &mut self.timers, now };
+            let mut stop = false;
+            for ev in events.iter() {
+                let (kind, idx) = untoken(ev.token());
+                match kind {
+                    Kind::Listener => self.tcp.listener_event(idx, &mut ctx),
+                    Kind::Client | Kind::Backend => self.tcp.conn_event(kind, idx, ev, &mut ctx),
+                    Kind::UdpListener => self.udp.listener_event(idx, &mut ctx),
+                    Kind::UdpFlow => self.udp.flow_event(idx, ev, &mut ctx),
+                    Kind::Signal => {
+                        stop |= on_signals(
+                            &self.signals,
+                            &mut self.tcp,
+                            &mut self.udp,
+                            &self.settings,
+                            &mut self.draining,
+                            &mut ctx,
+                        )
+                    }
+                    Kind::Metrics | Kind::MetricsConn => {
+                        if let Some(m) = self.metrics.as_mut() {
+                            m.event(kind, idx, &self.tcp, &self.udp, &mut ctx);
+                        }
+                    }
+                }
+            }
+            self.tcp.run_ready(&mut ctx);
+            self.udp.run_ready(&mut ctx);
+            while let Some(t) = ctx.timers.pop_due(now) {
+                match t {
+                    Timer::Conn { key, id } => self.tcp.conn_timer(key, id, &mut ctx),
+                    Timer::Handshake { .. } => {}
+                    Timer::Listener(idx) => self.tcp.listener_timer(idx, &mut ctx),
+                    Timer::UdpSweep => self.udp.sweep(&mut ctx),
+                    Timer::Drain => {
+                        log::info!(
+                            "drain timeout reached with {} connections open; exiting",
+                            self.tcp.open_connections()
+                        );
+                        stop = true;
+                    }
+                    Timer::Stats => {
+                        log_stats(&self.tcp, &self.udp);
+                        if let Some(every) = self.settings.stats_interval {
+                            ctx.timers.add(now + every, Timer::Stats);
+                        }
+                    }
+                }
+            }
+            self.tcp.resume_if_blocked(&mut ctx);
+            if stop || (self.draining && self.tcp.open_connections() == 0) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Logs one line of totals per forward.
+fn log_stats(tcp: &TcpRelay, udp: &UdpRelay) {
+    for line in crate::metrics::stats_lines(tcp, udp) {
+        log::info!("{line}");
+    }
+}
+
+/// Handles pending signals; true when the process should exit now.
+fn on_signals(
+    signals: &SignalFd,
+    tcp: &mut TcpRelay,
+    udp: &mut UdpRelay,
+    settings: &LoopSettings,
+    draining: &mut bool,
+    ctx: &mut Ctx<'_>,
+) -> bool {
+    let mut stop = false;
+    while let Ok(Some(info)) = signals.read_signal() {
+        match Signal::try_from(info.ssi_signo as i32) {
+            Ok(Signal::SIGUSR1) => log_stats(tcp, udp),
+            Ok(Signal::SIGHUP) => log::info!("SIGHUP ignored"),
+            Ok(sig) => {
+                if *draining || settings.drain_timeout.is_zero() {
+                    log::info!("{sig}: exiting");
+                    stop = true;
+                } else {
+                    log::info!(
+                        "{sig}: no longer accepting; draining {} connections for up to {:?}",
+                        tcp.open_connections(),
+                        settings.drain_timeout
+                    );
+                    *draining = true;
+                    tcp.stop_accepting();
+                    udp.stop();
+                    ctx.timers.add(ctx.now + settings.drain_timeout, Timer::Drain);
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    stop
+}

@@ -1,0 +1,84 @@
+//! splice-relay: a Linux TCP/UDP port relay.
+//!
+//! The data path, in one paragraph: one thread runs one mio `Poll`
+//! ([`event_loop`]). A TCP connection is two [`tcp::direction::Direction`]s;
+//! each moves bytes source socket -> pipe -> destination socket with
+//! splice(2), so payload never enters user memory. Pipes are lent from a
+//! capped pool only while bytes are in flight ([`tcp::pipe_pool`]). UDP is
+//! read and written in batches with recvmmsg/sendmmsg ([`sys::mmsg`]); each
+//! client is a flow with its own connected socket to the backend, kept in a
+//! bounded table with idle expiry ([`udp::flow_table`]). Every `unsafe` block
+//! lives in [`sys`].
+//!
+//! Modules: [`cli`] and [`config`] parse the native command line,
+//! [`docker`] speaks docker-proxy's flags and fd 3 handshake,
+//! [`proxy_protocol`] encodes and parses PROXY headers, [`metrics`] reports.
+
+pub mod cidr;
+pub mod cli;
+pub mod config;
+pub mod docker;
+pub mod event_loop;
+pub mod metrics;
+pub mod proxy_protocol;
+pub mod slab;
+pub mod stats;
+pub mod sys;
+pub mod tcp;
+pub mod timer;
+pub mod udp;
+
+use std::os::fd::OwnedFd;
+
+use cli::Config;
+use config::StartError;
+use event_loop::EventLoop;
+use tcp::TcpRelay;
+use udp::UdpRelay;
+
+/// Binds every listener of `config` (or adopts `listen_fd`, docker's fd 4,
+/// for its single forward) and returns a loop ready to run.
+pub fn build(config: &Config, listen_fd: Option<OwnedFd>) -> Result<EventLoop, StartError> {
+    let runtime = |what: String| move |e: std::io::Error| StartError::Runtime(format!("{what}: {e}"));
+    let mut ev = EventLoop::new(TcpRelay::new(config.tcp.clone()), UdpRelay::new(config.udp), config.event_loop)
+        .map_err(runtime("cannot set up the event loop".into()))?;
+    let registry = ev.registry().try_clone().map_err(runtime("cannot set up the event loop".into()))?;
+    let mut listen_fd = listen_fd;
+    for f in &config.forwards {
+        // `[::]` is dual-stack unless --ipv6-only; any other IPv6 address is IPv6-only.
+        let v6only = match f.listen.ip() {
+            std::net::IpAddr::V6(ip) if ip.is_unspecified() => config.ipv6_only,
+            _ => true,
+        };
+        if f.proto.tcp() {
+            let fd = match listen_fd.take() {
+                Some(fd) => fd,
+                None => sys::tcp_listener(f.listen, v6only, 1024)
+                    .map_err(runtime(format!("cannot listen on tcp {}", f.listen)))?,
+            };
+            let sock = std::net::TcpListener::from(fd);
+            ev.tcp
+                .add_listener(sock, f.target, f.send_proxy, f.accept_proxy, &registry)
+                .map_err(runtime(format!("cannot use tcp listener {}", f.listen)))?;
+        }
+        if f.proto.udp() {
+            let fd = match listen_fd.take() {
+                Some(fd) => fd,
+                None => sys::udp_listener(f.listen, v6only)
+                    .map_err(runtime(format!("cannot listen on udp {}", f.listen)))?,
+            };
+            let sock = std::net::UdpSocket::from(fd);
+            ev.udp
+                .add_listener(sock, f.target, f.send_proxy, &registry)
+                .map_err(runtime(format!("cannot use udp socket {}", f.listen)))?;
+        }
+        log::info!("listening on {} {} -> {}", f.proto, f.listen, f.target);
+    }
+    if let Some(addr) = config.metrics {
+        let m =
+            metrics::Metrics::bind(addr, ev.registry()).map_err(runtime(format!("cannot serve metrics on {addr}")))?;
+        ev.metrics = Some(m);
+        log::info!("metrics on http://{addr}/metrics");
+    }
+    Ok(ev)
+}

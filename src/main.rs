@@ -1,0 +1,122 @@
+//! Entry point: argv -> config, logging, run, exit status (fd 3 in docker mode).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use splice_relay::cli::Args;
+use splice_relay::config::{StartError, system_resolver};
+use splice_relay::{docker, sys};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args_os().skip(1).map(|a| a.to_string_lossy().into_owned()).collect();
+    if docker::is_docker_args(&args) {
+        return docker_main(&args);
+    }
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let verbose = (args.verbose, args.quiet);
+    let result = args.into_config(&system_resolver).and_then(|config| {
+        init_logging(config.log_level, None);
+        if config.forwards.is_empty() {
+            return Err(StartError::Usage(
+                "nothing to relay: give at least one FORWARD or --config FILE (see --help)".into(),
+            ));
+        }
+        start(&config, None, || {})
+    });
+    let _ = verbose;
+    finish(result)
+}
+
+/// Docker mode: docker-proxy's flags, errors reported through fd 3.
+fn docker_main(args: &[String]) -> ExitCode {
+    let flags = match docker::parse(args) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("{e}\n{}", docker::USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    if flags.version {
+        println!("splice-relay version {} (docker-proxy compatible)", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    // dockerd sets Pdeathsig too; this covers being started by anything else.
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
+    let mut status = docker::Status::inherit();
+    let result = (|| {
+        let opts = docker::native_options(std::env::var_os("SPLICE_RELAY_OPTS"))?;
+        let send_proxy = opts.send_proxy;
+        let ports = docker::proxy_ports(std::env::var_os("SPLICE_RELAY_PROXY_PORTS"))?;
+        let mut config = opts.into_config(&system_resolver)?;
+        init_logging(config.log_level, std::env::var_os("SPLICE_RELAY_LOG"));
+        config.forwards = vec![docker::forward(&flags, send_proxy, ports.as_deref())?];
+        // Docker binds IPv6 host addresses IPv6-only, [::] included.
+        config.ipv6_only = true;
+        let listen_fd = if flags.use_listen_fd {
+            let fd = sys::inherited_fd(4)
+                .ok_or_else(|| StartError::Runtime("-use-listen-fd given but fd 4 is not open".into()))?;
+            sys::set_nonblocking_cloexec(std::os::fd::AsFd::as_fd(&fd))
+                .map_err(|e| StartError::Runtime(format!("fd 4: {e}")))?;
+            Some(fd)
+        } else {
+            None
+        };
+        start(&config, listen_fd, || status.ready())
+    })();
+    if let Err(e) = &result {
+        status.failed(&e.to_string());
+    }
+    finish(result)
+}
+
+/// Binds, reports readiness, runs until a signal.
+fn start(
+    config: &splice_relay::cli::Config,
+    listen_fd: Option<std::os::fd::OwnedFd>,
+    ready: impl FnOnce(),
+) -> Result<(), StartError> {
+    if let Err(e) = sys::raise_nofile_limit() {
+        log::warn!("cannot raise the open-file limit: {e}");
+    }
+    let mut ev = splice_relay::build(config, listen_fd)?;
+    ready();
+    ev.run().map_err(|e| StartError::Runtime(format!("event loop failed: {e}")))
+}
+
+fn finish(result: Result<(), StartError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            if !log::log_enabled!(log::Level::Error) {
+                eprintln!("splice-relay: {e}");
+            }
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+/// env_logger to stderr, or appending to the file named by `file`
+/// (docker mode: dockerd sends stderr to /dev/null). RUST_LOG wins over -v/-q.
+fn init_logging(level: log::LevelFilter, file: Option<std::ffi::OsString>) {
+    let mut b = env_logger::Builder::new();
+    b.filter_level(level).format_timestamp_millis();
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        b.parse_filters(&spec);
+    }
+    if let Some(path) = file {
+        match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+            Ok(f) => {
+                b.target(env_logger::Target::Pipe(Box::new(f)));
+            }
+            Err(e) => eprintln!("splice-relay: cannot open log file {}: {e}", path.to_string_lossy()),
+        }
+    }
+    let _ = b.try_init();
+}

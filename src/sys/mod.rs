@@ -1,0 +1,201 @@
+//! Every `unsafe` block and raw system call of the crate lives here.
+//!
+//! The rest of the code sees safe functions over `OwnedFd` / `BorrowedFd`;
+//! nothing outside this module names `libc` for a call.
+
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr;
+
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::sys::socket::{self as sock, sockopt};
+
+/// Calls a libc function, turning `-1` into the thread's `errno`.
+macro_rules! syscall {
+    ($fn:ident ( $($arg:expr),* $(,)? )) => {{
+        // SAFETY: every caller documents why the arguments are valid for `$fn`.
+        let res = unsafe { libc::$fn($($arg),*) };
+        if res == -1 { Err(io::Error::last_os_error()) } else { Ok(res) }
+    }};
+}
+
+/// Retries `f` while it fails with EINTR.
+fn retry<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Moves up to `len` bytes from `from` to `to`, one of which must be a pipe.
+/// Never blocks (`SPLICE_F_NONBLOCK`); `Ok(0)` on a socket means EOF.
+pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    let (from, to) = (from.as_raw_fd(), to.as_raw_fd());
+    let flags = libc::SPLICE_F_NONBLOCK;
+    // SAFETY: both fds are borrowed for the call; null offsets are what pipes
+    // and sockets require; `len` is a plain count.
+    retry(|| syscall!(splice(from, ptr::null_mut(), to, ptr::null_mut(), len, flags))).map(|n| n as usize)
+}
+
+/// Errors that mean "this kernel or socket cannot splice", not "the peer failed".
+pub fn splice_unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EBADF))
+}
+
+/// EMFILE or ENFILE: the process or the system is out of file descriptors.
+pub fn out_of_fds(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// A non-blocking, close-on-exec pipe: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).map_err(io::Error::from)
+}
+
+/// Asks for a pipe capacity of `size` bytes; returns the capacity it really has.
+pub fn set_pipe_size(fd: BorrowedFd<'_>, size: usize) -> io::Result<usize> {
+    let size = i32::try_from(size).unwrap_or(i32::MAX);
+    match fcntl(fd, FcntlArg::F_SETPIPE_SZ(size)) {
+        Ok(n) => Ok(n as usize),
+        Err(e) => {
+            // EPERM past pipe-user-pages-soft: keep what the kernel gave.
+            let cur = fcntl(fd, FcntlArg::F_GETPIPE_SZ).map_err(io::Error::from)?;
+            log::trace!("F_SETPIPE_SZ({size}) refused ({e}); pipe has {cur} bytes");
+            Err(io::Error::from(e))
+        }
+    }
+}
+
+/// The pipe's capacity in bytes.
+pub fn pipe_size(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    fcntl(fd, FcntlArg::F_GETPIPE_SZ).map(|n| n as usize).map_err(io::Error::from)
+}
+
+/// Makes the socket send a reset instead of a FIN when it is closed.
+pub fn set_linger_zero(fd: BorrowedFd<'_>) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // Best effort: the socket may already be dead, and it is closed next anyway.
+    let _ = sock::setsockopt(&fd, sockopt::Linger, &linger);
+}
+
+/// A TCP listening socket, non-blocking and close-on-exec.
+/// `v6only` only matters for IPv6 addresses.
+pub fn tcp_listener(addr: SocketAddr, v6only: bool, backlog: i32) -> io::Result<OwnedFd> {
+    let fd = socket_for(addr, sock::SockType::Stream)?;
+    sock::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if addr.is_ipv6() {
+        sock::setsockopt(&fd, sockopt::Ipv6V6Only, &v6only)?;
+    }
+    bind(&fd, addr)?;
+    let backlog = sock::Backlog::new(backlog).unwrap_or(sock::Backlog::MAXCONN);
+    sock::listen(&fd, backlog)?;
+    Ok(fd)
+}
+
+/// A bound UDP socket, non-blocking and close-on-exec, that reports each
+/// datagram's destination address (IP_PKTINFO / IPV6_RECVPKTINFO).
+pub fn udp_listener(addr: SocketAddr, v6only: bool) -> io::Result<OwnedFd> {
+    let fd = socket_for(addr, sock::SockType::Datagram)?;
+    sock::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if addr.is_ipv6() {
+        sock::setsockopt(&fd, sockopt::Ipv6V6Only, &v6only)?;
+    }
+    enable_pktinfo(fd.as_fd(), addr.is_ipv6())?;
+    bind(&fd, addr)?;
+    Ok(fd)
+}
+
+/// Turns on destination-address reporting for received datagrams.
+/// An IPv6 socket also gets IP_PKTINFO, for the IPv4 clients of a dual-stack socket.
+pub fn enable_pktinfo(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<()> {
+    if ipv6 {
+        sock::setsockopt(&fd, sockopt::Ipv6RecvPacketInfo, &true)?;
+        // Dual-stack sockets deliver IPv4 datagrams with IP_PKTINFO; fails harmlessly when V6ONLY.
+        let _ = sock::setsockopt(&fd, sockopt::Ipv4PacketInfo, &true);
+    } else {
+        sock::setsockopt(&fd, sockopt::Ipv4PacketInfo, &true)?;
+    }
+    Ok(())
+}
+
+/// A UDP socket connected to `peer`, for one client flow.
+pub fn udp_connected(peer: SocketAddr) -> io::Result<OwnedFd> {
+    let fd = socket_for(peer, sock::SockType::Datagram)?;
+    let storage = sock::SockaddrStorage::from(peer);
+    retry(|| sock::connect(fd.as_raw_fd(), &storage).map_err(io::Error::from))?;
+    Ok(fd)
+}
+
+fn socket_for(addr: SocketAddr, ty: sock::SockType) -> io::Result<OwnedFd> {
+    let family = if addr.is_ipv6() { sock::AddressFamily::Inet6 } else { sock::AddressFamily::Inet };
+    let flags = sock::SockFlag::SOCK_NONBLOCK | sock::SockFlag::SOCK_CLOEXEC;
+    sock::socket(family, ty, flags, None).map_err(io::Error::from)
+}
+
+fn bind(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
+    let storage = sock::SockaddrStorage::from(addr);
+    sock::bind(fd.as_raw_fd(), &storage).map_err(io::Error::from)
+}
+
+/// The address a socket is bound to.
+pub fn local_addr(fd: BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    let storage: sock::SockaddrStorage = sock::getsockname(fd.as_raw_fd())?;
+    sockaddr_to_std(&storage).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an IP socket"))
+}
+
+/// The socket's type (SOCK_STREAM / SOCK_DGRAM) and whether it listens.
+pub fn socket_kind(fd: BorrowedFd<'_>) -> io::Result<(sock::SockType, bool)> {
+    let ty = sock::getsockopt(&fd, sockopt::SockType)?;
+    let listening = sock::getsockopt(&fd, sockopt::AcceptConn)?;
+    Ok((ty, listening))
+}
+
+/// Marks an fd non-blocking and close-on-exec.
+pub fn set_nonblocking_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let fl = fcntl(fd, FcntlArg::F_GETFL)?;
+    let fl = OFlag::from_bits_truncate(fl) | OFlag::O_NONBLOCK;
+    fcntl(fd, FcntlArg::F_SETFL(fl))?;
+    set_cloexec(fd)
+}
+
+/// Marks an fd close-on-exec.
+pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    fcntl(fd, FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+    Ok(())
+}
+
+/// Takes ownership of an fd inherited from the parent (docker's fd 3 and fd 4),
+/// or `None` if no such fd is open.
+pub fn inherited_fd(fd: RawFd) -> Option<OwnedFd> {
+    fcntl_getfd_ok(fd)?;
+    // SAFETY: the fd is open (F_GETFD succeeded), was inherited at exec, and
+    // nothing else in this process owns it: it is taken exactly once, at start-up.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn fcntl_getfd_ok(fd: RawFd) -> Option<()> {
+    syscall!(fcntl(fd, libc::F_GETFD)).ok().map(|_| ())
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard)
+}
+
+/// Converts a nix socket address into a std one.
+pub fn sockaddr_to_std(s: &sock::SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = s.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::new(v4.ip(), v4.port())));
+    }
+    s.as_sockaddr_in6().map(|v6| SocketAddr::V6(SocketAddrV6::new(v6.ip(), v6.port(), v6.flowinfo(), v6.scope_id())))
+}
+
+pub mod mmsg;

@@ -1,0 +1,171 @@
+//! The UDP flow table: client address -> flow, bounded, with idle expiry.
+//!
+//! No I/O inside: it is told `now` and returns what to close, so it is
+//! tested without sockets. Eviction when full takes the least recently used
+//! flow (a clock queue: touching a flow only updates its time; eviction
+//! gives recently touched flows a second chance).
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+struct Entry<V> {
+    value: V,
+    last_seen: Instant,
+    generation: u64,
+}
+
+/// Flows keyed by `K` (the listener and client address), holding `V` (the flow's slot).
+pub struct FlowTable<K, V> {
+    map: HashMap<K, Entry<V>>,
+    queue: VecDeque<(K, u64, Instant)>,
+    max: usize,
+    timeout: Duration,
+    generation: u64,
+}
+
+impl<K: Hash + Eq + Copy, V: Copy> FlowTable<K, V> {
+    /// A table of at most `max` flows that expire after `timeout` of silence.
+    pub fn new(max: usize, timeout: Duration) -> Self {
+        FlowTable { map: HashMap::new(), queue: VecDeque::new(), max: max.max(1), timeout, generation: 0 }
+    }
+
+    /// The flow for `key`, marking it used at `now`.
+    pub fn get(&mut self, key: &K, now: Instant) -> Option<V> {
+        let e = self.map.get_mut(key)?;
+        e.last_seen = now;
+        Some(e.value)
+    }
+
+    /// Marks the flow used at `now` (traffic in the reply direction).
+    pub fn touch(&mut self, key: &K, now: Instant) {
+        if let Some(e) = self.map.get_mut(key) {
+            e.last_seen = now;
+        }
+    }
+
+    /// Adds a flow. If the table was full, the least recently used flow is
+    /// removed and returned, for the caller to close.
+    pub fn insert(&mut self, key: K, value: V, now: Instant) -> Option<(K, V)> {
+        let evicted = if self.map.len() >= self.max && !self.map.contains_key(&key) { self.evict() } else { None };
+        self.generation += 1;
+        self.map.insert(key, Entry { value, last_seen: now, generation: self.generation });
+        self.queue.push_back((key, self.generation, now));
+        evicted
+    }
+
+    /// Removes a flow.
+    pub fn remove(&mut self, key: &K) -> Option<V> {
+        self.map.remove(key).map(|e| e.value)
+    }
+
+    /// Removes every flow silent for the timeout, calling `f` on each.
+    pub fn expire(&mut self, now: Instant, mut f: impl FnMut(K, V)) {
+        let timeout = self.timeout;
+        self.map.retain(|k, e| {
+            let keep = now.saturating_duration_since(e.last_seen) < timeout;
+            if !keep {
+                f(*k, e.value);
+            }
+            keep
+        });
+        // Forget queue entries of removed flows so the queue stays bounded.
+        let map = &self.map;
+        self.queue.retain(|(k, g, _)| map.get(k).is_some_and(|e| e.generation == *g));
+    }
+
+    /// How many flows there are.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when there is no flow.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    fn evict(&mut self) -> Option<(K, V)> {
+        while let Some((key, generation, stamp)) = self.queue.pop_front() {
+            let Some(e) = self.map.get(&key) else { continue };
+            if e.generation != generation {
+                continue;
+            }
+            if e.last_seen > stamp {
+                // Used since it was queued: second chance.
+                let seen = e.last_seen;
+                self.queue.push_back((key, generation, seen));
+                continue;
+            }
+            return self.map.remove(&key).map(|e| (key, e.value));
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(t0: Instant, s: u64) -> Instant {
+        t0 + Duration::from_secs(s)
+    }
+
+    #[test]
+    fn full_table_evicts_the_least_recently_used() {
+        let t0 = Instant::now();
+        let mut t = FlowTable::new(3, Duration::from_secs(90));
+        assert_eq!(t.insert('a', 1, secs(t0, 1)), None);
+        assert_eq!(t.insert('b', 2, secs(t0, 2)), None);
+        assert_eq!(t.insert('c', 3, secs(t0, 3)), None);
+        assert_eq!(t.get(&'a', secs(t0, 4)), Some(1));
+        assert_eq!(t.insert('d', 4, secs(t0, 5)), Some(('b', 2)));
+        t.touch(&'c', secs(t0, 6));
+        assert_eq!(t.insert('e', 5, secs(t0, 7)), Some(('a', 1)));
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.get(&'b', secs(t0, 8)), None);
+    }
+
+    #[test]
+    fn silent_flows_expire_and_traffic_either_way_refreshes() {
+        let t0 = Instant::now();
+        let mut t = FlowTable::new(10, Duration::from_secs(90));
+        t.insert(1, 'x', t0);
+        t.insert(2, 'y', t0);
+        t.touch(&2, secs(t0, 60));
+        let mut gone = Vec::new();
+        t.expire(secs(t0, 100), |k, v| gone.push((k, v)));
+        assert_eq!(gone, vec![(1, 'x')]);
+        assert_eq!(t.get(&2, secs(t0, 100)), Some('y'));
+        t.expire(secs(t0, 189), |_, _| panic!("refreshed at 100"));
+        t.expire(secs(t0, 190), |k, _| assert_eq!(k, 2));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_flood_of_new_sources_stays_within_the_bound() {
+        let t0 = Instant::now();
+        let mut t = FlowTable::new(100, Duration::from_secs(90));
+        let mut evicted = 0;
+        for i in 0..100_000u32 {
+            if t.insert(i, i, t0 + Duration::from_millis(i as u64)).is_some() {
+                evicted += 1;
+            }
+            assert!(t.len() <= 100);
+            assert!(t.queue.len() <= 200);
+        }
+        assert_eq!(evicted, 100_000 - 100);
+        t.expire(secs(t0, 10_000), |_, _| {});
+        assert!(t.is_empty() && t.queue.is_empty());
+    }
+
+    #[test]
+    fn reinserted_keys_do_not_confuse_the_queue() {
+        let t0 = Instant::now();
+        let mut t = FlowTable::new(2, Duration::from_secs(90));
+        t.insert('a', 1, t0);
+        t.remove(&'a');
+        t.insert('a', 2, secs(t0, 5));
+        t.insert('b', 3, secs(t0, 6));
+        assert_eq!(t.insert('c', 4, secs(t0, 7)), Some(('a', 2)));
+    }
+}

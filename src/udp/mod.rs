@@ -1,0 +1,353 @@
+//! The UDP relay: batched reads on each listening socket, one connected
+//! socket per client flow, replies sent back in batches from the address
+//! the client used.
+
+pub mod flow_table;
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use mio::net::UdpSocket;
+use mio::{Interest, Registry};
+
+use crate::event_loop::{Ctx, Kind, token};
+use crate::proxy_protocol::{self as pp, Transport, Version};
+use crate::slab::Slab;
+use crate::stats::UdpStats;
+use crate::sys::mmsg::{BATCH, Batch, Out, PktInfo};
+use crate::tcp::unmap;
+use crate::timer::Timer;
+use flow_table::FlowTable;
+
+/// Settings shared by every UDP forward.
+#[derive(Clone, Copy, Debug)]
+pub struct UdpSettings {
+    /// Close a flow after this long without traffic either way.
+    pub timeout: Duration,
+    /// At most this many flows at once (the least recently used is evicted).
+    pub max_flows: usize,
+}
+
+/// A listening UDP socket and where its datagrams go.
+pub struct UdpListener {
+    sock: Option<UdpSocket>,
+    /// The listening address.
+    pub addr: SocketAddr,
+    /// The backend.
+    pub target: SocketAddr,
+    send_proxy: Option<Version>,
+    readable: bool,
+    /// Counters.
+    pub stats: UdpStats,
+}
+
+/// One client's flow: a socket connected to the backend.
+struct Flow {
+    sock: UdpSocket,
+    listener: usize,
+    client: SocketAddr,
+    /// The address the client sent to: replies leave from it.
+    reply_from: Option<PktInfo>,
+}
+
+/// All UDP listeners and flows of the process.
+pub struct UdpRelay {
+    /// The listeners, indexed by their token.
+    pub listeners: Vec<UdpListener>,
+    flows: Slab<Flow>,
+    table: FlowTable<(usize, SocketAddr), usize>,
+    batch: Option<Box<Batch>>,
+    settings: UdpSettings,
+    sweeping: bool,
+    ready: Vec<Ready>,
+}
+
+impl UdpRelay {
+    /// An empty relay.
+    pub fn new(settings: UdpSettings) -> Self {
+        UdpRelay {
+            listeners: Vec::new(),
+            flows: Slab::default(),
+            table: FlowTable::new(settings.max_flows, settings.timeout),
+            batch: None,
+            settings,
+            sweeping: false,
+            ready: Vec::new(),
+        }
+    }
+
+    /// Adds a bound socket whose datagrams go to `target`.
+    pub fn add_listener(
+        &mut self,
+        sock: std::net::UdpSocket,
+        target: SocketAddr,
+        send_proxy: Option<Version>,
+        registry: &Registry,
+    ) -> io::Result<()> {
+        sock.set_nonblocking(true)?;
+        let addr = sock.local_addr()?;
+        crate::sys::enable_pktinfo(sock.as_fd(), addr.is_ipv6())?;
+        let mut sock = UdpSocket::from_std(sock);
+        registry.register(&mut sock, token(Kind::UdpListener, self.listeners.len()), Interest::READABLE)?;
+        self.listeners.push(UdpListener {
+            sock: Some(sock),
+            addr,
+            target,
+            send_proxy,
+            readable: true,
+            stats: UdpStats::default(),
+        });
+        Ok(())
+    }
+
+    /// Flows open now.
+    pub fn flows(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Reads what arrived before the loop started.
+    pub fn start(&mut self, ctx: &mut Ctx<'_>) {
+        for idx in 0..self.listeners.len() {
+            self.listener_event(idx, ctx);
+        }
+    }
+
+    /// Stops receiving from clients (drain); open flows still deliver replies.
+    pub fn stop(&mut self) {
+        for l in &mut self.listeners {
+            l.sock = None;
+        }
+    }
+
+    /// Datagrams from clients: relay each to its flow, making flows as needed.
+    pub fn listener_event(&mut self, idx: usize, ctx: &mut Ctx<'_>) {
+        let batch = self.batch.get_or_insert_with(|| Box::new(Batch::new()));
+        let Some(l) = self.listeners.get_mut(idx) else { return };
+        l.readable = true;
+        // Bounded work per wake-up: at most 16 batches, then other sockets get a turn.
+        for _ in 0..16 {
+            let Some(sock) = self.listeners[idx].sock.as_ref() else { return };
+            let n = match batch.recv(sock.as_fd()) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.listeners[idx].readable = false;
+                    return;
+                }
+                Err(e) => {
+                    log::debug!("udp {}: receive: {e}", self.listeners[idx].addr);
+                    continue;
+                }
+            };
+            let mut outs: Vec<(usize, Out)> = Vec::with_capacity(n);
+            for i in 0..n {
+                let meta = batch.meta[i];
+                let l = &mut self.listeners[idx];
+                let Some(client) = meta.source else { continue };
+                if meta.truncated {
+                    // Never forward a truncated datagram (rule 14).
+                    l.stats.dropped += 1;
+                    log::debug!("udp {client}: datagram larger than the buffer dropped");
+                    continue;
+                }
+                let key = (idx, client);
+                let flow = match self.table.get(&key, ctx.now) {
+                    Some(f) => f,
+                    None => match open_flow(&mut self.flows, &mut self.table, idx, l, client, meta.dst, ctx) {
+                        Some(f) => f,
+                        None => {
+                            l.stats.dropped += 1;
+                            continue;
+                        }
+                    },
+                };
+                l.stats.datagrams_up += 1;
+                l.stats.bytes_up += meta.len as u64;
+                outs.push((flow, Out { index: i, to: None, from: None }));
+            }
+            if !self.sweeping && !self.table.is_empty() {
+                self.sweeping = true;
+                ctx.timers.add(ctx.now + sweep_every(self.settings.timeout), Timer::UdpSweep);
+            }
+            // Runs of datagrams for the same flow go out in one sendmmsg.
+            let mut start = 0;
+            while start < outs.len() {
+                let flow_key = outs[start].0;
+                let end = start + outs[start..].iter().take_while(|(f, _)| *f == flow_key).count();
+                let run: Vec<Out> = outs[start..end].iter().map(|(_, o)| *o).collect();
+                if let Some(flow) = self.flows.get(flow_key) {
+                    let l = &self.listeners[idx];
+                    let prefixes = l.send_proxy.map(|v| vec![proxy_prefix(v, flow, l.addr); run.len()]);
+                    let sent = send_all(batch, flow.sock.as_fd(), &run, prefixes.as_deref().unwrap_or(&[]));
+                    self.listeners[idx].stats.dropped += (run.len() - sent) as u64;
+                }
+                start = end;
+            }
+            if n < BATCH {
+                self.listeners[idx].readable = false;
+                return;
+            }
+        }
+        // Still readable after the bounded work: mio will not tell us again.
+        self.ready.push(Ready::Listener(idx));
+    }
+
+    /// Replies (or errors) on a flow socket.
+    pub fn flow_event(&mut self, key: usize, ev: &mio::event::Event, ctx: &mut Ctx<'_>) {
+        let Some(flow) = self.flows.get(key) else { return };
+        if ev.is_error() {
+            // A stale ICMP error (ECONNREFUSED): read it so the edge does not
+            // repeat, and keep the flow (rule 17).
+            if let Some(e) = crate::sys::mmsg::take_socket_error(flow.sock.as_fd()) {
+                log::debug!("udp flow {} -> backend: {e}", flow.client);
+            }
+        }
+        self.flow_readable(key, ctx);
+    }
+
+    fn flow_readable(&mut self, key: usize, ctx: &mut Ctx<'_>) {
+        let batch = self.batch.get_or_insert_with(|| Box::new(Batch::new()));
+        let Some(flow) = self.flows.get(key) else { return };
+        let idx = flow.listener;
+        for _ in 0..16 {
+            let Some(flow) = self.flows.get(key) else { return };
+            let n = match batch.recv(flow.sock.as_fd()) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    // ECONNREFUSED and friends: the backend is down for now.
+                    log::debug!("udp flow {}: {e}", flow.client);
+                    continue;
+                }
+            };
+            self.table.touch(&(idx, flow.client), ctx.now);
+            let outs: Vec<Out> = (0..n)
+                .filter(|&i| !batch.meta[i].truncated)
+                .map(|i| Out { index: i, to: Some(flow.client), from: flow.reply_from })
+                .collect();
+            let l = &mut self.listeners[idx];
+            l.stats.dropped += (n - outs.len()) as u64;
+            let bytes: usize = outs.iter().map(|o| batch.meta[o.index].len).sum();
+            let sent = match l.sock.as_ref() {
+                Some(sock) => send_all(batch, sock.as_fd(), &outs, &[]),
+                None => 0,
+            };
+            l.stats.datagrams_down += sent as u64;
+            l.stats.bytes_down += bytes as u64;
+            l.stats.dropped += (outs.len() - sent) as u64;
+            if n < BATCH {
+                return;
+            }
+        }
+        self.ready.push(Ready::Flow(key, idx));
+    }
+
+    /// True if a socket was left readable by bounded work.
+    pub fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// Gives sockets left readable by bounded work their next turn.
+    pub fn run_ready(&mut self, ctx: &mut Ctx<'_>) {
+        for r in std::mem::take(&mut self.ready) {
+            match r {
+                Ready::Listener(idx) => self.listener_event(idx, ctx),
+                Ready::Flow(key, idx) => {
+                    if self.flows.get(key).is_some_and(|f| f.listener == idx) {
+                        self.flow_readable(key, ctx);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes idle flows; also the turn for sockets left readable by bounded work.
+    pub fn sweep(&mut self, ctx: &mut Ctx<'_>) {
+        let flows = &mut self.flows;
+        self.table.expire(ctx.now, |(_, client), key| {
+            log::debug!("udp flow {client}: idle; closed");
+            flows.remove(key);
+        });
+        self.sweeping = !self.table.is_empty();
+        if self.sweeping {
+            ctx.timers.add(ctx.now + sweep_every(self.settings.timeout), Timer::UdpSweep);
+        }
+    }
+
+    /// UDP counters per listener, with open flows, for statistics.
+    pub fn flows_of(&self, listener: usize) -> usize {
+        self.flows.iter().filter(|(_, f)| f.listener == listener).count()
+    }
+}
+
+/// A socket left readable when its bounded work ran out.
+enum Ready {
+    Listener(usize),
+    Flow(usize, usize),
+}
+
+/// Creates a flow: a socket connected to the backend, registered for replies.
+fn open_flow(
+    flows: &mut Slab<Flow>,
+    table: &mut FlowTable<(usize, SocketAddr), usize>,
+    idx: usize,
+    l: &mut UdpListener,
+    client: SocketAddr,
+    reply_from: Option<PktInfo>,
+    ctx: &mut Ctx<'_>,
+) -> Option<usize> {
+    let fd = match crate::sys::udp_connected(l.target) {
+        Ok(fd) => fd,
+        Err(e) => {
+            log::warn!("udp {client} -> {}: cannot open a flow: {e}", l.target);
+            return None;
+        }
+    };
+    let mut sock = UdpSocket::from_std(std::net::UdpSocket::from(fd));
+    let key = flows.vacant_key();
+    if let Err(e) = ctx.registry.register(&mut sock, token(Kind::UdpFlow, key), Interest::READABLE) {
+        log::warn!("udp {client}: cannot register a flow: {e}");
+        return None;
+    }
+    flows.insert(Flow { sock, listener: idx, client, reply_from });
+    l.stats.flows_total += 1;
+    log::debug!("udp flow {} -> {} -> {} opened", unmap(client), l.addr, l.target);
+    if let Some((_, old)) = table.insert((idx, client), key, ctx.now) {
+        log::debug!("udp flow table full; least recently used flow closed");
+        flows.remove(old);
+    }
+    Some(key)
+}
+
+/// The PROXY header put in front of each datagram of a flow.
+fn proxy_prefix(v: Version, flow: &Flow, listen: SocketAddr) -> (usize, [u8; 64]) {
+    let mut buf = [0u8; pp::MAX_ENCODED_LEN];
+    let local = flow.reply_from.map_or(listen, |p| SocketAddr::new(p.ip(), listen.port()));
+    let len = pp::encode(v, Transport::Datagram, unmap(flow.client), unmap(local), &mut buf).min(64);
+    let mut p = [0u8; 64];
+    p[..len].copy_from_slice(&buf[..len]);
+    (len, p)
+}
+
+/// Sends every datagram of `outs` it can; returns how many went out.
+fn send_all(batch: &mut Batch, fd: std::os::fd::BorrowedFd<'_>, outs: &[Out], prefix: &[(usize, [u8; 64])]) -> usize {
+    let mut sent = 0;
+    while sent < outs.len() {
+        let pre = prefix.get(sent..).unwrap_or(&[]);
+        match batch.send(fd, &outs[sent..], pre) {
+            Ok(0) => break,
+            Ok(n) => sent += n,
+            Err(e) => {
+                // One bad datagram (e.g. ECONNREFUSED from a stale ICMP): skip it.
+                log::debug!("udp send: {e}");
+                sent += 1;
+            }
+        }
+    }
+    sent
+}
+
+fn sweep_every(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
