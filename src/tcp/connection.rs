@@ -76,6 +76,8 @@ pub struct Connection {
     pub last_active: Instant,
     /// When the first direction finished, for the half-close bound.
     pub half_closed_at: Option<Instant>,
+    /// The soonest deadline a timer is already set for.
+    pub timer_at: Option<Instant>,
 }
 
 /// A header waiting to be written to the backend.
@@ -203,6 +205,7 @@ impl Connection {
             since: now,
             last_active: now,
             half_closed_at: None,
+            timer_at: None,
         }
     }
 }

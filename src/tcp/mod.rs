@@ -240,9 +240,7 @@ impl TcpRelay {
         l.stats.open += 1;
         *self.per_source.entry(peer.ip()).or_default() += 1;
         log::debug!("{peer} -> {}: connecting to {}", l.addr, l.target);
-        if let Some(d) = conn.deadline(&self.settings.timeouts) {
-            ctx.timers.add(d, Timer::Conn { key, id: conn.id });
-        }
+        schedule(&mut conn, key, &self.settings.timeouts, ctx);
         self.conns.insert(conn);
     }
 
@@ -273,10 +271,11 @@ impl TcpRelay {
 
     /// A connection's deadline fired.
     pub fn conn_timer(&mut self, key: usize, id: u64, ctx: &mut Ctx<'_>) {
-        let Some(conn) = self.conns.get(key).filter(|c| c.id == id) else { return };
+        let Some(conn) = self.conns.get_mut(key).filter(|c| c.id == id) else { return };
+        conn.timer_at = None;
         let Some(deadline) = conn.deadline(&self.settings.timeouts) else { return };
         if deadline > ctx.now {
-            ctx.timers.add(deadline, Timer::Conn { key, id });
+            schedule(conn, key, &self.settings.timeouts, ctx);
             return;
         }
         let l = &mut self.listeners[conn.listener];
@@ -334,6 +333,7 @@ impl TcpRelay {
                 if more {
                     self.ready.push((key, conn.id));
                 }
+                schedule(conn, key, &self.settings.timeouts, ctx);
             }
             Err(End::Done) => self.close(key, false),
             Err(End::Abort(e)) => {
@@ -382,6 +382,17 @@ impl TcpRelay {
             .iter()
             .filter(|(_, c)| c.listener == listener)
             .fold((0, 0), |(u, d), (_, c)| (u + c.up.bytes, d + c.down.bytes))
+    }
+}
+
+/// Sets a timer for the connection's next deadline unless one is set already
+/// for that time or sooner (idle deadlines move later; the timer re-checks).
+fn schedule(conn: &mut Connection, key: usize, t: &Timeouts, ctx: &mut Ctx<'_>) {
+    if let Some(d) = conn.deadline(t) {
+        if conn.timer_at.is_none_or(|at| d < at) {
+            conn.timer_at = Some(d);
+            ctx.timers.add(d, Timer::Conn { key, id: conn.id });
+        }
     }
 }
 
