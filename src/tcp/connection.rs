@@ -134,15 +134,12 @@ impl Connection {
         Ok(false)
     }
 
-    /// Checks a pending connect: `Ok(true)` connected, `Ok(false)` still in progress.
-    pub fn check_connected(&mut self) -> io::Result<bool> {
-        if let Some(e) = self.backend.sock.take_error()? {
-            return Err(e);
-        }
-        match self.backend.sock.peer_addr() {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
-            Err(e) => Err(e),
+    /// Checks a pending connect after a writable (or error) edge: an edge
+    /// with no socket error means the connect completed.
+    pub fn check_connected(&mut self) -> io::Result<()> {
+        match self.backend.sock.take_error()? {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 

@@ -207,7 +207,11 @@ impl TcpRelay {
             crate::sys::set_linger_zero(std::os::fd::AsFd::as_fd(&client));
             return;
         }
-        let local = client.local_addr().map(unmap).unwrap_or(l.addr);
+        // The address the client used matters only to a PROXY header.
+        let local = match l.send_proxy {
+            Some(_) => client.local_addr().map(unmap).unwrap_or(l.addr),
+            None => l.addr,
+        };
         let _ = client.set_nodelay(true);
         let backend = match TcpStream::connect(l.target) {
             Ok(b) => b,
@@ -305,11 +309,10 @@ impl TcpRelay {
         }
         if conn.phase == Phase::Connecting && conn.backend.writable {
             match conn.check_connected() {
-                Ok(true) => {
+                Ok(()) => {
                     conn.phase = Phase::Connected;
                     let _ = conn.backend.sock.set_nodelay(true);
                 }
-                Ok(false) => {}
                 Err(e) => {
                     let l = &mut self.listeners[conn.listener];
                     log::warn!("{} -> {}: backend unreachable: {e}", conn.peer, l.target);
