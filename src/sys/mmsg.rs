@@ -18,7 +18,9 @@ pub const BATCH: usize = 32;
 /// Receive buffer per datagram: the largest UDP payload plus one byte, so a
 /// datagram that does not fit is seen as truncated.
 pub const BUF: usize = 65536;
-const CTRL: usize = 64;
+/// Room for IPV6_PKTINFO and IP_PKTINFO together (a dual-stack socket's IPv4
+/// datagrams carry both: 40 + 32 bytes).
+const CTRL: usize = 128;
 
 /// The local address a datagram was sent to, to answer from the same one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -246,13 +248,14 @@ fn pktinfo(h: &libc::msghdr) -> Option<PktInfo> {
         let mut c = libc::CMSG_FIRSTHDR(h);
         while !c.is_null() {
             let data = libc::CMSG_DATA(c);
+            let len = ((*c).cmsg_len as usize).saturating_sub(data as usize - c as usize);
             match ((*c).cmsg_level, (*c).cmsg_type) {
-                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                (libc::IPPROTO_IP, libc::IP_PKTINFO) if len >= mem::size_of::<libc::in_pktinfo>() => {
                     let pi = ptr::read_unaligned(data.cast::<libc::in_pktinfo>());
                     let ip = Ipv4Addr::from(u32::from_be(pi.ipi_addr.s_addr));
                     found = Some(PktInfo::V4(ip, pi.ipi_ifindex as u32));
                 }
-                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) if len >= mem::size_of::<libc::in6_pktinfo>() => {
                     let pi = ptr::read_unaligned(data.cast::<libc::in6_pktinfo>());
                     found = Some(PktInfo::V6(Ipv6Addr::from(pi.ipi6_addr.s6_addr), pi.ipi6_ifindex));
                 }
@@ -270,7 +273,7 @@ fn put_pktinfo(ctrl: &mut [u8; CTRL], from: PktInfo) -> usize {
     let mut h: libc::msghdr = zeroed();
     h.msg_control = ctrl.as_mut_ptr().cast();
     h.msg_controllen = CTRL as _;
-    // SAFETY: CTRL (64) exceeds CMSG_SPACE of both pktinfo structs (32 and 36
+    // SAFETY: CTRL (128) exceeds CMSG_SPACE of both pktinfo structs (32 and 36
     // bytes), so the one message written stays inside `ctrl`.
     unsafe {
         let c = libc::CMSG_FIRSTHDR(&h);

@@ -1,0 +1,516 @@
+//! End-to-end tests of the UDP relay (`udp:LISTEN=TARGET`, `both:`), with the
+//! real binary on loopback.
+mod common;
+use common::*;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A UDP socket bound to `addr` with a read timeout.
+fn client(addr: &str, timeout: Duration) -> UdpSocket {
+    let s = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s
+}
+
+/// Sends `payload` to `to` and waits for an identical reply, resending up to
+/// `tries` times. Returns the reply's source address.
+fn round_trip(s: &UdpSocket, to: SocketAddr, payload: &[u8], tries: usize) -> Option<SocketAddr> {
+    let mut buf = vec![0u8; 65536];
+    for _ in 0..tries {
+        s.send_to(payload, to).expect("send_to");
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < deadline {
+            match s.recv_from(&mut buf) {
+                Ok((n, from)) if &buf[..n] == payload => return Some(from),
+                Ok(_) => continue, // a late reply to an earlier datagram
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
+                Err(e) => panic!("recv_from: {e}"),
+            }
+        }
+    }
+    None
+}
+
+/// Waits `wait` for any datagram; None if nothing came.
+fn recv_any(s: &UdpSocket, wait: Duration) -> Option<(Vec<u8>, SocketAddr)> {
+    let mut buf = vec![0u8; 65536];
+    s.set_read_timeout(Some(wait)).unwrap();
+    match s.recv_from(&mut buf) {
+        Ok((n, from)) => Some((buf[..n].to_vec(), from)),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => None,
+        Err(e) => panic!("recv_from: {e}"),
+    }
+}
+
+/// A UDP echo backend that also records the size of every datagram it got.
+fn recording_echo(addr: &str) -> (SocketAddr, Arc<Mutex<Vec<usize>>>) {
+    let s = UdpSocket::bind(addr).expect("bind recording echo");
+    let local = s.local_addr().unwrap();
+    let sizes = Arc::new(Mutex::new(Vec::new()));
+    let sizes2 = sizes.clone();
+    thread::spawn(move || {
+        let mut buf = vec![0u8; 70000];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            sizes2.lock().unwrap().push(n);
+            let _ = s.send_to(&buf[..n], from);
+        }
+    });
+    (local, sizes)
+}
+
+/// Echoes datagrams on an already bound socket until the process ends.
+fn echo_on(s: UdpSocket) {
+    thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], from);
+        }
+    });
+}
+
+/// Echoes TCP connections on an already bound listener until the process ends.
+fn tcp_echo_on(l: TcpListener) {
+    thread::spawn(move || {
+        for c in l.incoming().take(1000) {
+            let Ok(mut c) = c else { continue };
+            thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n @ 1..) = c.read(&mut buf) {
+                    if c.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+                let _ = c.shutdown(Shutdown::Write);
+            });
+        }
+    });
+}
+
+fn assert_alive(relay: &mut Relay) {
+    assert!(relay.child.try_wait().unwrap().is_none(), "relay exited; log:\n{}", relay.log());
+}
+
+fn opened_flows(relay: &Relay) -> usize {
+    relay.log().lines().filter(|l| l.contains("udp flow") && l.contains("opened")).count()
+}
+
+#[test]
+fn fifty_clients_each_get_exactly_their_own_datagrams() {
+    const CLIENTS: usize = 50;
+    const DATAGRAMS: usize = 200;
+    let backend = udp_echo("127.0.0.1:0");
+    let port = free_port();
+    let mut relay = Relay::start(&[&format!("udp:127.0.0.1:{port}={backend}")]);
+    let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let resends = Arc::new(AtomicUsize::new(0));
+    let handles: Vec<_> = (0..CLIENTS)
+        .map(|id| {
+            let resends = resends.clone();
+            thread::spawn(move || -> Result<(), String> {
+                let s = client("127.0.0.1:0", Duration::from_millis(100));
+                let payload = |seq: usize| {
+                    let mut p = format!("client={id:03} seq={seq:05} ").into_bytes();
+                    p.extend(pattern((id * 100_000 + seq) as u64, 16 + (id * 7 + seq) % 300));
+                    p
+                };
+                let mut buf = vec![0u8; 65536];
+                let prefix = format!("client={id:03} ");
+                for seq in 0..DATAGRAMS {
+                    let want = payload(seq);
+                    let mut done = false;
+                    for attempt in 0..6 {
+                        if attempt > 0 {
+                            resends.fetch_add(1, Ordering::Relaxed);
+                        }
+                        s.send_to(&want, to).map_err(|e| format!("client {id}: send: {e}"))?;
+                        let deadline = Instant::now() + Duration::from_millis(400);
+                        while !done && Instant::now() < deadline {
+                            let (n, from) = match s.recv_from(&mut buf) {
+                                Ok(r) => r,
+                                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+                                Err(e) => return Err(format!("client {id}: recv: {e}")),
+                            };
+                            let got = &buf[..n];
+                            if from != to {
+                                return Err(format!("client {id}: reply from {from}, expected {to}"));
+                            }
+                            if !got.starts_with(prefix.as_bytes()) {
+                                return Err(format!(
+                                    "client {id} received another client's datagram: {:?}",
+                                    String::from_utf8_lossy(&got[..got.len().min(24)])
+                                ));
+                            }
+                            if got == want.as_slice() {
+                                done = true;
+                            } else if !(0..seq).any(|old| got == payload(old).as_slice()) {
+                                // Not this one, not a late duplicate of an earlier one: corrupted.
+                                return Err(format!("client {id} seq {seq}: unexpected {n}-byte datagram"));
+                            }
+                        }
+                        if done {
+                            break;
+                        }
+                    }
+                    if !done {
+                        return Err(format!("client {id}: no echo of seq {seq} after 6 tries"));
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let errors: Vec<String> = handles.into_iter().filter_map(|h| h.join().unwrap().err()).collect();
+    assert!(errors.is_empty(), "errors: {errors:#?}\nrelay log:\n{}", relay.log());
+    assert_alive(&mut relay);
+    assert_eq!(opened_flows(&relay), CLIENTS, "one flow per client; log:\n{}", relay.log());
+    eprintln!("resends: {}", resends.load(Ordering::Relaxed));
+}
+
+#[test]
+fn smallest_and_largest_ipv4_datagrams_pass_intact() {
+    let (backend, sizes) = recording_echo("127.0.0.1:0");
+    let port = free_port();
+    let mut relay = Relay::start(&[&format!("udp:127.0.0.1:{port}={backend}")]);
+    let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let s = client("127.0.0.1:0", Duration::from_millis(500));
+    for (seed, len) in [(1u64, 1usize), (2, 65_507), (3, 1), (4, 65_507)] {
+        let data = pattern(seed, len);
+        assert!(round_trip(&s, to, &data, 5).is_some(), "{len}-byte datagram not echoed; log:\n{}", relay.log());
+    }
+    let sizes = sizes.lock().unwrap().clone();
+    assert!(sizes.iter().all(|&n| n == 1 || n == 65_507), "backend got sizes {sizes:?}");
+    assert!(sizes.contains(&1) && sizes.contains(&65_507), "backend got sizes {sizes:?}");
+    assert_alive(&mut relay);
+}
+
+/// A 65,527-byte datagram (the IPv6 maximum, larger than IPv4's 65,507): the
+/// relay must forward it intact or not at all, never truncated.
+#[test]
+fn oversized_ipv6_datagram_is_forwarded_intact_or_not_at_all() {
+    const BIG: usize = 65_527;
+    for backend_addr in ["[::1]:0", "127.0.0.1:0"] {
+        let (backend, sizes) = recording_echo(backend_addr);
+        let port = free_port();
+        let mut relay = Relay::start(&[&format!("udp:[::1]:{port}={backend}")]);
+        let to: SocketAddr = format!("[::1]:{port}").parse().unwrap();
+        let s = client("[::1]:0", Duration::from_millis(300));
+        let big = pattern(7, BIG);
+        for _ in 0..3 {
+            s.send_to(&big, to).expect("send 65,527 bytes over IPv6");
+            if let Some((got, _)) = recv_any(&s, Duration::from_millis(500)) {
+                assert_eq!(got.len(), BIG, "reply of another size (backend {backend})");
+                assert!(got == big, "reply corrupted (backend {backend})");
+                break;
+            }
+        }
+        // The relay still works for ordinary datagrams afterwards.
+        let small = pattern(8, 1000);
+        assert!(round_trip(&s, to, &small, 5).is_some(), "relay stopped relaying; log:\n{}", relay.log());
+        let sizes = sizes.lock().unwrap().clone();
+        assert!(
+            sizes.iter().all(|&n| n == BIG || n == 1000),
+            "backend {backend} got a datagram of another size than was sent: {sizes:?}"
+        );
+        if backend.is_ipv6() {
+            // Nothing in the way: IPv6 end to end, and the relay's buffer holds 65,535 bytes.
+            assert!(sizes.contains(&BIG), "backend {backend} never got the 65,527-byte datagram: {sizes:?}");
+        } else {
+            assert!(!sizes.contains(&BIG), "an IPv4 backend cannot receive 65,527 bytes: {sizes:?}");
+        }
+        assert_alive(&mut relay);
+    }
+}
+
+/// A dual-stack `[::]` listener answers each client from the address it
+/// sent to (IP_PKTINFO / IPV6_PKTINFO), 127.0.0.2 included.
+#[test]
+fn replies_come_from_the_address_the_client_sent_to() {
+    let backend = udp_echo("127.0.0.1:0");
+    let port = free_port();
+    let mut relay = Relay::start(&[&format!("udp:[::]:{port}={backend}")]);
+    let cases = [("127.0.0.1:0", format!("127.0.0.1:{port}")), ("[::1]:0", format!("[::1]:{port}"))];
+    for (i, (bind, to)) in cases.iter().enumerate() {
+        let s = client(bind, Duration::from_millis(500));
+        let to: SocketAddr = to.parse().unwrap();
+        let from = round_trip(&s, to, &pattern(i as u64, 100), 5)
+            .unwrap_or_else(|| panic!("no reply for a client sending to {to}; log:\n{}", relay.log()));
+        assert_eq!(from, to, "reply source");
+    }
+    // 127.0.0.0/8 is all loopback on Linux: a second local address.
+    if UdpSocket::bind("127.0.0.2:0").is_ok() {
+        let s = client("127.0.0.1:0", Duration::from_millis(500));
+        let to: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+        let from = round_trip(&s, to, b"to 127.0.0.2", 5)
+            .unwrap_or_else(|| panic!("no reply for a client sending to {to}; log:\n{}", relay.log()));
+        assert_eq!(from, to, "reply to a datagram sent to 127.0.0.2 must come from 127.0.0.2");
+    } else {
+        eprintln!("127.0.0.2 not usable here; multi-address case skipped");
+    }
+    assert_alive(&mut relay);
+}
+
+/// The same on an IPv4 wildcard listener (an AF_INET socket, IP_PKTINFO only).
+#[test]
+fn ipv4_wildcard_listener_answers_from_127_0_0_2() {
+    if UdpSocket::bind("127.0.0.2:0").is_err() {
+        eprintln!("127.0.0.2 not usable here; skipped");
+        return;
+    }
+    let backend = udp_echo("127.0.0.1:0");
+    let port = free_port();
+    let mut relay = Relay::start(&[&format!("udp:0.0.0.0:{port}={backend}")]);
+    for (i, host) in ["127.0.0.2", "127.0.0.1", "127.0.0.2"].iter().enumerate() {
+        // A new client socket (a new flow) per destination.
+        let s = client("0.0.0.0:0", Duration::from_millis(500));
+        let to: SocketAddr = format!("{host}:{port}").parse().unwrap();
+        let from = round_trip(&s, to, &pattern(i as u64, 64), 5)
+            .unwrap_or_else(|| panic!("no reply for {to}; log:\n{}", relay.log()));
+        assert_eq!(from, to, "reply source");
+    }
+    assert_alive(&mut relay);
+}
+
+/// One client socket (one source address and port) talking to two local
+/// addresses of the relay: each reply should come from the address that
+/// datagram was sent to. Flows are keyed by client address only and keep the
+/// first datagram's destination, so the second address gets replies from the
+/// first. docker-proxy (Go, 28+) keys its flows the same way.
+#[test]
+#[ignore = "known limitation: a flow answers from the first destination address only (as docker-proxy does)"]
+fn one_client_socket_to_two_local_addresses() {
+    if UdpSocket::bind("127.0.0.2:0").is_err() {
+        eprintln!("127.0.0.2 not usable here; skipped");
+        return;
+    }
+    let backend = udp_echo("127.0.0.1:0");
+    let port = free_port();
+    let mut relay = Relay::start(&[&format!("udp:0.0.0.0:{port}={backend}")]);
+    let s = client("0.0.0.0:0", Duration::from_millis(500));
+    for (i, host) in ["127.0.0.2", "127.0.0.1"].iter().enumerate() {
+        let to: SocketAddr = format!("{host}:{port}").parse().unwrap();
+        let from = round_trip(&s, to, &pattern(i as u64, 64), 5)
+            .unwrap_or_else(|| panic!("no reply for {to}; log:\n{}", relay.log()));
+        assert_eq!(from, to, "reply source");
+    }
+    assert_alive(&mut relay);
+}
+
+#[test]
+fn idle_flows_expire_and_active_ones_stay() {
+    let backend = udp_echo("127.0.0.1:0");
+    let port = free_port();
+    let mut relay = Relay::start(&["--udp-timeout", "1s", &format!("udp:127.0.0.1:{port}={backend}")]);
+    let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let baseline = relay.fds().sockets;
+    assert!(baseline >= 1, "the relay has no socket? {:?}", relay.fds());
+    let clients: Vec<UdpSocket> = (0..3).map(|_| client("127.0.0.1:0", Duration::from_millis(500))).collect();
+    for (i, c) in clients.iter().enumerate() {
+        assert!(round_trip(c, to, &pattern(i as u64, 50), 5).is_some(), "no echo; log:\n{}", relay.log());
+        assert_eq!(relay.fds().sockets, baseline + i + 1, "one socket per flow");
+    }
+    // Traffic stopped: the flows close after about a second.
+    assert!(
+        wait_until(Duration::from_millis(3500), || relay.fds().sockets == baseline),
+        "flows not closed 3.5 s after traffic stopped: {:?} (baseline {baseline}); log:\n{}",
+        relay.fds(),
+        relay.log()
+    );
+    let opened = opened_flows(&relay);
+    assert_eq!(opened, 3);
+
+    // One active client (a datagram every 300 ms for 2.5 s) and one idle one.
+    let active = &clients[0];
+    assert!(round_trip(&clients[1], to, b"idle", 5).is_some());
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_millis(2500) && n < 20 {
+        assert!(round_trip(active, to, &pattern(100 + n, 40), 5).is_some(), "active client lost service");
+        n += 1;
+        thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(relay.fds().sockets, baseline + 1, "only the active flow should remain; log:\n{}", relay.log());
+    // The active client kept its one flow: exactly two new flows were opened.
+    assert_eq!(opened_flows(&relay), opened + 2, "log:\n{}", relay.log());
+    assert!(relay.log().contains("idle; closed"), "log:\n{}", relay.log());
+    assert_alive(&mut relay);
+}
+
+#[test]
+fn flow_table_is_bounded_and_new_clients_still_get_service() {
+    const MAX: usize = 5;
+    let backend = udp_echo("127.0.0.1:0");
+    let port = free_port();
+    let mut relay = Relay::start(&["--udp-max-flows", "5", &format!("udp:127.0.0.1:{port}={backend}")]);
+    let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let baseline = relay.fds().sockets;
+    // A sampler reads the relay's fds all along.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        let pid = relay.pid();
+        thread::spawn(move || {
+            let mut max = 0;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                max = max.max(fds_of(pid).sockets);
+                thread::sleep(Duration::from_millis(1));
+            }
+            max
+        })
+    };
+    let clients: Vec<UdpSocket> = (0..20).map(|_| client("127.0.0.1:0", Duration::from_millis(500))).collect();
+    for (i, c) in clients.iter().enumerate() {
+        assert!(round_trip(c, to, &pattern(i as u64, 80), 5).is_some(), "client {i}: no echo; log:\n{}", relay.log());
+        let now = relay.fds().sockets;
+        assert!(now <= baseline + MAX, "client {i}: {now} sockets, baseline {baseline}, at most {MAX} flows");
+        assert_eq!(now, baseline + (i + 1).min(MAX), "client {i}");
+    }
+    // A new client, and the first (evicted) one, still get service.
+    let late = client("127.0.0.1:0", Duration::from_millis(500));
+    assert!(round_trip(&late, to, b"late client", 5).is_some(), "new client not served; log:\n{}", relay.log());
+    assert!(round_trip(&clients[0], to, b"evicted client", 5).is_some(), "evicted client not served again");
+    assert!(relay.fds().sockets <= baseline + MAX);
+    stop.store(true, Ordering::Relaxed);
+    let max = sampler.join().unwrap();
+    eprintln!("sockets: baseline {baseline}, sampled max {max}");
+    // A new flow's socket is opened just before the least recently used one
+    // is closed, so a sample may see one more for an instant.
+    assert!(max <= baseline + MAX + 1, "sampled {max} sockets, baseline {baseline}, --udp-max-flows {MAX}");
+    assert!(relay.log().contains("least recently used flow closed"), "log:\n{}", relay.log());
+    assert_alive(&mut relay);
+}
+
+#[test]
+fn flow_survives_backend_down_then_up() {
+    // A port with nothing listening on UDP (yet).
+    let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let backend = probe.local_addr().unwrap();
+    drop(probe);
+    let port = free_port();
+    let mut relay = Relay::start(&[&format!("udp:127.0.0.1:{port}={backend}")]);
+    let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let s = client("127.0.0.1:0", Duration::from_millis(300));
+    for i in 0..3 {
+        s.send_to(format!("into the void {i}").as_bytes(), to).unwrap();
+    }
+    assert_eq!(recv_any(&s, Duration::from_millis(500)), None, "a reply with no backend?");
+    assert_alive(&mut relay);
+
+    let echo = UdpSocket::bind(backend).expect("bind the backend port");
+    echo_on(echo);
+    let start = Instant::now();
+    let mut reply = None;
+    let mut i = 0;
+    while reply.is_none() && start.elapsed() < Duration::from_secs(5) && i < 30 {
+        s.send_to(format!("second {i}").as_bytes(), to).unwrap();
+        reply = recv_any(&s, Duration::from_millis(200));
+        i += 1;
+    }
+    let (got, from) = reply.unwrap_or_else(|| panic!("no reply after the backend came up; log:\n{}", relay.log()));
+    assert!(got.starts_with(b"second "), "unexpected reply {:?}", String::from_utf8_lossy(&got));
+    assert_eq!(from, to);
+    assert_alive(&mut relay);
+    assert_eq!(opened_flows(&relay), 1, "the client's flow should have been kept; log:\n{}", relay.log());
+}
+
+/// iperf3-like: a TCP control connection and UDP datagrams on the same port.
+#[test]
+fn both_relays_tcp_and_udp_on_one_port() {
+    // A port free for both TCP and UDP on 127.0.0.1, held by the two echo servers.
+    let (tcp, udp) = (0..50)
+        .find_map(|_| {
+            let t = TcpListener::bind("127.0.0.1:0").ok()?;
+            let u = UdpSocket::bind(t.local_addr().ok()?).ok()?;
+            Some((t, u))
+        })
+        .expect("a port free for TCP and UDP");
+    let q = tcp.local_addr().unwrap().port();
+    tcp_echo_on(tcp);
+    echo_on(udp);
+    let port = free_port();
+    let mut relay = Relay::start(&[&format!("both:127.0.0.1:{port}=127.0.0.1:{q}")]);
+    let mut control = connect(&format!("127.0.0.1:{port}"));
+    control.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    control.write_all(b"hello, control").unwrap();
+    control.read_exact(&mut buf[..14]).unwrap();
+    assert_eq!(&buf[..14], b"hello, control");
+
+    let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let s = client("127.0.0.1:0", Duration::from_millis(500));
+    for i in 0..100u64 {
+        let from = round_trip(&s, to, &pattern(i, 1200), 5)
+            .unwrap_or_else(|| panic!("datagram {i} not echoed; log:\n{}", relay.log()));
+        assert_eq!(from, to);
+        if i % 25 == 0 {
+            let msg = format!("status {i:03}");
+            control.write_all(msg.as_bytes()).unwrap();
+            control.read_exact(&mut buf[..msg.len()]).unwrap();
+            assert_eq!(&buf[..msg.len()], msg.as_bytes());
+        }
+    }
+    control.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    control.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "extra bytes on the control connection: {rest:?}");
+    assert_alive(&mut relay);
+}
+
+#[test]
+fn bad_udp_options_exit_2_with_a_message() {
+    let (code, err) = run_to_exit(&["udp:127.0.0.1:0=127.0.0.1:1"]);
+    assert_eq!(code, 2, "stderr: {err}");
+    assert!(err.contains("out of range") && err.contains("listen port"), "stderr: {err}");
+
+    let port = free_port().to_string();
+    let fwd = format!("udp:127.0.0.1:{port}=127.0.0.1:1");
+    let (code, err) = run_to_exit(&["--udp-max-flows", "0", &fwd]);
+    assert_eq!(code, 2, "stderr: {err}");
+    assert!(err.contains("--udp-max-flows must be at least 1"), "stderr: {err}");
+
+    let (code, err) = run_to_exit(&["--udp-timeout", "5x", &fwd]);
+    assert_eq!(code, 2, "stderr: {err}");
+    assert!(err.contains("--udp-timeout") && err.contains("5x") && err.contains("unit"), "stderr: {err}");
+
+    let (code, err) = run_to_exit(&["--udp-timeout", "0s", &fwd]);
+    assert_eq!(code, 2, "stderr: {err}");
+    assert!(err.contains("--udp-timeout must be more than 0"), "stderr: {err}");
+
+    let (code, err) = run_to_exit(&["udp:::1:53=127.0.0.1:53"]);
+    assert_eq!(code, 2, "stderr: {err}");
+    assert!(err.contains("brackets"), "stderr: {err}");
+}
+
+/// IPv4 clients of a dual-stack `[::]` listener whose first datagrams arrive
+/// together (one recvmmsg batch) must all get replies.
+#[test]
+fn ipv4_clients_of_a_dual_stack_listener_arriving_together() {
+    const CLIENTS: usize = 32;
+    let backend = udp_echo("127.0.0.1:0");
+    let port = free_port();
+    let mut relay = Relay::start(&[&format!("udp:[::]:{port}={backend}")]);
+    let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let clients: Vec<UdpSocket> = (0..CLIENTS).map(|_| client("127.0.0.1:0", Duration::from_millis(300))).collect();
+    for (i, c) in clients.iter().enumerate() {
+        c.send_to(&pattern(i as u64, 100), to).unwrap();
+    }
+    // Each client then makes sure of a round trip (in parallel: bounded at 3 x 500 ms).
+    let handles: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| thread::spawn(move || round_trip(&c, to, &pattern(1000 + i as u64, 100), 3)))
+        .collect();
+    let mut unanswered = Vec::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        match h.join().unwrap() {
+            Some(from) => assert_eq!(from, to, "client {i}: reply source"),
+            None => unanswered.push(i),
+        }
+    }
+    assert!(unanswered.is_empty(), "clients without replies: {unanswered:?}; log:\n{}", relay.log());
+    assert_alive(&mut relay);
+}
