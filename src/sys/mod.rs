@@ -50,12 +50,12 @@ pub fn out_of_fds(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
-/// A non-blocking, close-on-exec pipe: (read end, write end).
+/// A non-blocking, close-on-exec pipe (DATAPATH rule 1): (read end, write end).
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).map_err(io::Error::from)
 }
 
-/// Asks for a pipe capacity of `size` bytes; returns the capacity it really has.
+/// Asks for a pipe capacity of `size` bytes; returns the capacity it really has (rule 9).
 pub fn set_pipe_size(fd: BorrowedFd<'_>, size: usize) -> io::Result<usize> {
     let size = i32::try_from(size).unwrap_or(i32::MAX);
     match fcntl(fd, FcntlArg::F_SETPIPE_SZ(size)) {

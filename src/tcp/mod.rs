@@ -212,6 +212,7 @@ impl TcpRelay {
             Some(_) => client.local_addr().map(unmap).unwrap_or(l.addr),
             None => l.addr,
         };
+        // TCP_NODELAY on both sockets (rule 10); SPLICE_F_MORE is never used.
         let _ = client.set_nodelay(true);
         let backend = match TcpStream::connect(l.target) {
             Ok(b) => b,

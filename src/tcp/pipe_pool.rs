@@ -1,4 +1,4 @@
-//! Pipes lent to connections only while bytes are in flight.
+//! Pipes lent to connections only while bytes are in flight (DATAPATH rule 8).
 //!
 //! A pipe comes back to the pool empty (a pipe still holding data is closed,
 //! never pooled), and the pool keeps at most `max_spare` of them.
