@@ -220,6 +220,11 @@ impl TcpRelay {
                 log::warn!("{peer} -> {}: cannot connect: {e}", l.target);
                 l.stats.failed += 1;
                 crate::sys::set_linger_zero(std::os::fd::AsFd::as_fd(&client));
+                if crate::sys::out_of_fds(&e) && !l.paused {
+                    // Out of fds: rest like an accept EMFILE rather than reset every client.
+                    l.paused = true;
+                    ctx.timers.add(ctx.now + FD_PAUSE, Timer::Listener(idx));
+                }
                 return;
             }
         };
