@@ -54,6 +54,16 @@ impl<K: Hash + Eq + Copy, V: Copy> FlowTable<K, V> {
         evicted
     }
 
+    /// True when a new flow would evict one.
+    pub fn is_full(&self) -> bool {
+        self.map.len() >= self.max
+    }
+
+    /// If the table is full, removes and returns the least recently used flow.
+    pub fn make_room(&mut self) -> Option<(K, V)> {
+        if self.is_full() { self.evict() } else { None }
+    }
+
     /// Removes a flow.
     pub fn remove(&mut self, key: &K) -> Option<V> {
         self.map.remove(key).map(|e| e.value)

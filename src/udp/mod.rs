@@ -143,25 +143,32 @@ impl UdpRelay {
             let mut outs: Vec<(usize, Out)> = Vec::with_capacity(n);
             for i in 0..n {
                 let meta = batch.meta[i];
-                let l = &mut self.listeners[idx];
                 let Some(client) = meta.source else { continue };
                 if meta.truncated {
                     // Never forward a truncated datagram (rule 14).
-                    l.stats.dropped += 1;
+                    self.listeners[idx].stats.dropped += 1;
                     log::debug!("udp {client}: datagram larger than the buffer dropped");
                     continue;
                 }
                 let key = (idx, client);
                 let flow = match self.table.get(&key, ctx.now) {
                     Some(f) => f,
-                    None => match open_flow(&mut self.flows, &mut self.table, idx, l, client, meta.dst, ctx) {
-                        Some(f) => f,
-                        None => {
-                            l.stats.dropped += 1;
-                            continue;
+                    None => {
+                        if self.table.is_full() {
+                            // The flow evicted next may have datagrams waiting in `outs`: send them first.
+                            flush(batch, &self.flows, &mut self.listeners, idx, &mut outs);
                         }
-                    },
+                        let l = &mut self.listeners[idx];
+                        match open_flow(&mut self.flows, &mut self.table, idx, l, client, meta.dst, ctx) {
+                            Some(f) => f,
+                            None => {
+                                l.stats.dropped += 1;
+                                continue;
+                            }
+                        }
+                    }
                 };
+                let l = &mut self.listeners[idx];
                 l.stats.datagrams_up += 1;
                 l.stats.bytes_up += meta.len as u64;
                 outs.push((flow, Out { index: i, to: None, from: None }));
@@ -170,20 +177,7 @@ impl UdpRelay {
                 self.sweeping = true;
                 ctx.timers.add(ctx.now + sweep_every(self.settings.timeout), Timer::UdpSweep);
             }
-            // Runs of datagrams for the same flow go out in one sendmmsg.
-            let mut start = 0;
-            while start < outs.len() {
-                let flow_key = outs[start].0;
-                let end = start + outs[start..].iter().take_while(|(f, _)| *f == flow_key).count();
-                let run: Vec<Out> = outs[start..end].iter().map(|(_, o)| *o).collect();
-                if let Some(flow) = self.flows.get(flow_key) {
-                    let l = &self.listeners[idx];
-                    let prefixes = l.send_proxy.map(|v| vec![proxy_prefix(v, flow, l.addr); run.len()]);
-                    let sent = send_all(batch, flow.sock.as_fd(), &run, prefixes.as_deref().unwrap_or(&[]));
-                    self.listeners[idx].stats.dropped += (run.len() - sent) as u64;
-                }
-                start = end;
-            }
+            flush(batch, &self.flows, &mut self.listeners, idx, &mut outs);
             if n < BATCH {
                 self.listeners[idx].readable = false;
                 return;
@@ -287,6 +281,30 @@ enum Ready {
     Flow(usize, usize),
 }
 
+/// Sends the datagrams waiting in `outs`, runs for the same flow in one sendmmsg.
+fn flush(
+    batch: &mut Batch,
+    flows: &Slab<Flow>,
+    listeners: &mut [UdpListener],
+    idx: usize,
+    outs: &mut Vec<(usize, Out)>,
+) {
+    let mut start = 0;
+    while start < outs.len() {
+        let flow_key = outs[start].0;
+        let end = start + outs[start..].iter().take_while(|(f, _)| *f == flow_key).count();
+        let run: Vec<Out> = outs[start..end].iter().map(|(_, o)| *o).collect();
+        if let Some(flow) = flows.get(flow_key) {
+            let l = &listeners[idx];
+            let prefixes = l.send_proxy.map(|v| vec![proxy_prefix(v, flow, l.addr); run.len()]);
+            let sent = send_all(batch, flow.sock.as_fd(), &run, prefixes.as_deref().unwrap_or(&[]));
+            listeners[idx].stats.dropped += (run.len() - sent) as u64;
+        }
+        start = end;
+    }
+    outs.clear();
+}
+
 /// Creates a flow: a socket connected to the backend, registered for replies.
 fn open_flow(
     flows: &mut Slab<Flow>,
@@ -297,6 +315,11 @@ fn open_flow(
     reply_from: Option<PktInfo>,
     ctx: &mut Ctx<'_>,
 ) -> Option<usize> {
+    // Close the least recently used flow first: never more than max_flows sockets.
+    if let Some((_, old)) = table.make_room() {
+        log::debug!("udp flow table full; least recently used flow closed");
+        flows.remove(old);
+    }
     let fd = match crate::sys::udp_connected(l.target) {
         Ok(fd) => fd,
         Err(e) => {
@@ -314,7 +337,6 @@ fn open_flow(
     l.stats.flows_total += 1;
     log::debug!("udp flow {} -> {} -> {} opened", unmap(client), l.addr, l.target);
     if let Some((_, old)) = table.insert((idx, client), key, ctx.now) {
-        log::debug!("udp flow table full; least recently used flow closed");
         flows.remove(old);
     }
     Some(key)
