@@ -278,4 +278,26 @@ mod tests {
         assert_eq!(proxy_ports(Some("80, 443".into())).unwrap(), Some(vec![80, 443]));
         assert!(proxy_ports(Some("http".into())).is_err());
     }
+
+    #[test]
+    fn flag_parser_never_panics_on_noise() {
+        let words =
+            ["-proto", "--host-ip", "-host-port=", "-container-ip", "-use-listen-fd=", "-v", "--", "::", "1", "x", "-"];
+        let mut x: u64 = 0x2545f4914f6cdd1d;
+        for _ in 0..50_000 {
+            let mut argv = Vec::new();
+            for _ in 0..(x % 7) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let w = words[(x % words.len() as u64) as usize];
+                argv.push(if x & 8 == 0 { w.to_string() } else { format!("{w}{}", x % 70000) });
+            }
+            x = x.wrapping_add(0x9e3779b97f4a7c15);
+            let _ = is_docker_args(&argv);
+            if let Ok(d) = parse(&argv) {
+                let _ = forward(&d, Some(Version::V2), Some(&[80]));
+            }
+        }
+    }
 }
