@@ -162,7 +162,6 @@ impl EventLoop {
             while let Some(t) = ctx.timers.pop_due(now) {
                 match t {
                     Timer::Conn { key, id } => self.tcp.conn_timer(key, id, &mut ctx),
-                    Timer::Handshake { .. } => {}
                     Timer::Listener(idx) => self.tcp.listener_timer(idx, &mut ctx),
                     Timer::UdpSweep => self.udp.sweep(&mut ctx),
                     Timer::Drain => {

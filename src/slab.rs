@@ -66,11 +66,6 @@ impl<T> Slab<T> {
     pub fn iter(&self) -> impl Iterator<Item = (usize, &T)> {
         self.entries.iter().enumerate().filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
     }
-
-    /// Every stored key.
-    pub fn keys(&self) -> Vec<usize> {
-        self.iter().map(|(k, _)| k).collect()
-    }
 }
 
 #[cfg(test)]
@@ -89,6 +84,6 @@ mod tests {
         assert_eq!(s.insert("c"), a);
         assert_eq!(s.get(a), Some(&"c"));
         assert_eq!(s.len(), 2);
-        assert_eq!(s.keys(), vec![0, 1]);
+        assert_eq!(s.iter().map(|(k, _)| k).collect::<Vec<_>>(), vec![0, 1]);
     }
 }

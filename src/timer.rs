@@ -15,8 +15,6 @@ pub enum Timer {
     Conn { key: usize, id: u64 },
     /// A listener paused after EMFILE/ENFILE may accept again.
     Listener(usize),
-    /// A client whose PROXY header is late.
-    Handshake { key: usize, id: u64 },
     /// Idle UDP flows are expired.
     UdpSweep,
     /// The drain after SIGTERM is over.

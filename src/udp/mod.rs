@@ -62,6 +62,7 @@ pub struct UdpRelay {
     settings: UdpSettings,
     sweeping: bool,
     ready: Vec<Ready>,
+    queue: OutQueue,
 }
 
 impl UdpRelay {
@@ -75,6 +76,7 @@ impl UdpRelay {
             settings,
             sweeping: false,
             ready: Vec::new(),
+            queue: OutQueue::default(),
         }
     }
 
@@ -140,7 +142,7 @@ impl UdpRelay {
                     continue;
                 }
             };
-            let mut outs: Vec<(usize, Out)> = Vec::with_capacity(n);
+            let queue = &mut self.queue;
             for i in 0..n {
                 let meta = batch.meta[i];
                 let Some(client) = meta.source else { continue };
@@ -156,7 +158,7 @@ impl UdpRelay {
                     None => {
                         if self.table.is_full() {
                             // The flow evicted next may have datagrams waiting in `outs`: send them first.
-                            flush(batch, &self.flows, &mut self.listeners, idx, &mut outs);
+                            flush(batch, &self.flows, &mut self.listeners, idx, queue);
                         }
                         let l = &mut self.listeners[idx];
                         match open_flow(&mut self.flows, &mut self.table, idx, l, client, meta.dst, ctx) {
@@ -171,13 +173,14 @@ impl UdpRelay {
                 let l = &mut self.listeners[idx];
                 l.stats.datagrams_up += 1;
                 l.stats.bytes_up += meta.len as u64;
-                outs.push((flow, Out { index: i, to: None, from: None }));
+                queue.flows.push(flow);
+                queue.outs.push(Out { index: i, to: None, from: None });
             }
             if !self.sweeping && !self.table.is_empty() {
                 self.sweeping = true;
                 ctx.timers.add(ctx.now + sweep_every(self.settings.timeout), Timer::UdpSweep);
             }
-            flush(batch, &self.flows, &mut self.listeners, idx, &mut outs);
+            flush(batch, &self.flows, &mut self.listeners, idx, queue);
             if n < BATCH {
                 self.listeners[idx].readable = false;
                 return;
@@ -216,20 +219,24 @@ impl UdpRelay {
                 }
             };
             self.table.touch(&(idx, flow.client), ctx.now);
-            let outs: Vec<Out> = (0..n)
-                .filter(|&i| !batch.meta[i].truncated)
-                .map(|i| Out { index: i, to: Some(flow.client), from: flow.reply_from })
-                .collect();
+            let outs = &mut self.queue.outs;
+            outs.clear();
+            outs.extend((0..n).filter(|&i| !batch.meta[i].truncated).map(|i| Out {
+                index: i,
+                to: Some(flow.client),
+                from: flow.reply_from,
+            }));
             let l = &mut self.listeners[idx];
             l.stats.dropped += (n - outs.len()) as u64;
             let bytes: usize = outs.iter().map(|o| batch.meta[o.index].len).sum();
             let sent = match l.sock.as_ref() {
-                Some(sock) => send_all(batch, sock.as_fd(), &outs, &[]),
+                Some(sock) => send_all(batch, sock.as_fd(), outs, &[]),
                 None => 0,
             };
             l.stats.datagrams_down += sent as u64;
             l.stats.bytes_down += bytes as u64;
             l.stats.dropped += (outs.len() - sent) as u64;
+            outs.clear();
             if n < BATCH {
                 return;
             }
@@ -281,28 +288,33 @@ enum Ready {
     Flow(usize, usize),
 }
 
-/// Sends the datagrams waiting in `outs`, runs for the same flow in one sendmmsg.
-fn flush(
-    batch: &mut Batch,
-    flows: &Slab<Flow>,
-    listeners: &mut [UdpListener],
-    idx: usize,
-    outs: &mut Vec<(usize, Out)>,
-) {
+/// Datagrams received but not yet sent on, reused batch after batch so the
+/// per-packet path allocates nothing.
+#[derive(Default)]
+struct OutQueue {
+    /// The flow (slab key) each datagram goes to.
+    flows: Vec<usize>,
+    /// The datagrams, parallel to `flows`.
+    outs: Vec<Out>,
+}
+
+/// Sends the queued datagrams, runs for the same flow in one sendmmsg, and empties the queue.
+fn flush(batch: &mut Batch, flows: &Slab<Flow>, listeners: &mut [UdpListener], idx: usize, queue: &mut OutQueue) {
     let mut start = 0;
-    while start < outs.len() {
-        let flow_key = outs[start].0;
-        let end = start + outs[start..].iter().take_while(|(f, _)| *f == flow_key).count();
-        let run: Vec<Out> = outs[start..end].iter().map(|(_, o)| *o).collect();
+    while start < queue.flows.len() {
+        let flow_key = queue.flows[start];
+        let end = start + queue.flows[start..].iter().take_while(|&&f| f == flow_key).count();
+        let run = &queue.outs[start..end];
         if let Some(flow) = flows.get(flow_key) {
             let l = &listeners[idx];
             let prefixes = l.send_proxy.map(|v| vec![proxy_prefix(v, flow, l.addr); run.len()]);
-            let sent = send_all(batch, flow.sock.as_fd(), &run, prefixes.as_deref().unwrap_or(&[]));
+            let sent = send_all(batch, flow.sock.as_fd(), run, prefixes.as_deref().unwrap_or(&[]));
             listeners[idx].stats.dropped += (run.len() - sent) as u64;
         }
         start = end;
     }
-    outs.clear();
+    queue.flows.clear();
+    queue.outs.clear();
 }
 
 /// Creates a flow: a socket connected to the backend, registered for replies.
