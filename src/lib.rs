@@ -19,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod docker;
 pub mod event_loop;
+pub mod logging;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod slab;

@@ -19,9 +19,8 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    let verbose = (args.verbose, args.quiet);
     let result = args.into_config(&system_resolver).and_then(|config| {
-        init_logging(config.log_level, None);
+        splice_relay::logging::init(config.log_level, None);
         if config.forwards.is_empty() {
             return Err(StartError::Usage(
                 "nothing to relay: give at least one FORWARD or --config FILE (see --help)".into(),
@@ -29,7 +28,6 @@ fn main() -> ExitCode {
         }
         start(&config, None, || {})
     });
-    let _ = verbose;
     finish(result)
 }
 
@@ -54,7 +52,7 @@ fn docker_main(args: &[String]) -> ExitCode {
         let send_proxy = opts.send_proxy;
         let ports = docker::proxy_ports(std::env::var_os("SPLICE_RELAY_PROXY_PORTS"))?;
         let mut config = opts.into_config(&system_resolver)?;
-        init_logging(config.log_level, std::env::var_os("SPLICE_RELAY_LOG"));
+        splice_relay::logging::init(config.log_level, std::env::var_os("SPLICE_RELAY_LOG"));
         config.forwards = vec![docker::forward(&flags, send_proxy, ports.as_deref())?];
         // Docker binds IPv6 host addresses IPv6-only, [::] included.
         config.ipv6_only = true;
@@ -100,23 +98,4 @@ fn finish(result: Result<(), StartError>) -> ExitCode {
             ExitCode::from(e.exit_code() as u8)
         }
     }
-}
-
-/// env_logger to stderr, or appending to the file named by `file`
-/// (docker mode: dockerd sends stderr to /dev/null). RUST_LOG wins over -v/-q.
-fn init_logging(level: log::LevelFilter, file: Option<std::ffi::OsString>) {
-    let mut b = env_logger::Builder::new();
-    b.filter_level(level).format_timestamp_millis();
-    if let Ok(spec) = std::env::var("RUST_LOG") {
-        b.parse_filters(&spec);
-    }
-    if let Some(path) = file {
-        match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
-            Ok(f) => {
-                b.target(env_logger::Target::Pipe(Box::new(f)));
-            }
-            Err(e) => eprintln!("splice-relay: cannot open log file {}: {e}", path.to_string_lossy()),
-        }
-    }
-    let _ = b.try_init();
 }

@@ -1171,3 +1171,89 @@ fn stats_lines_sigusr1_and_metrics_count_exactly() {
     }
     assert_alive(&mut r);
 }
+
+/// Case 4b: no pipe to be had. The relay runs with an fd limit that idle
+/// connections use up exactly, so `pipe2` fails (EMFILE; ENFILE and ENOMEM
+/// under memory pressure take the same path): a transfer then copies through
+/// user memory, intact, with one warning. Once connections close, pipes are
+/// made again and splicing resumes, and the relay says so.
+#[test]
+fn no_pipe_to_be_had_copies_through_user_memory_then_splices_again() {
+    const LIMIT: usize = 48;
+    const MIB: usize = 1 << 20;
+    if !have("prlimit") {
+        eprintln!("skipped: prlimit (util-linux) not found");
+        return;
+    }
+    let backend = echo_server("127.0.0.1:0");
+    let p = free_port();
+    let mut r = Relay::start_with(&[&format!("127.0.0.1:{p}={backend}")], |cmd| {
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+        let envs: Vec<_> = cmd.get_envs().map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned()))).collect();
+        *cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={LIMIT}:{LIMIT}")).arg("--").arg(BIN).args(args);
+        for (k, v) in envs {
+            if let Some(v) = v {
+                cmd.env(k, v);
+            }
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    });
+    assert_alive(&mut r);
+    // Every log line starts with a UTC timestamp, 2026-11-25T06:10:02.418Z.
+    let log = r.log();
+    let first = log.lines().next().unwrap_or("");
+    let stamp: Vec<char> = first.chars().take(24).collect();
+    let shape: String = stamp.iter().map(|c| if c.is_ascii_digit() { '9' } else { *c }).collect();
+    assert_eq!(shape, "9999-99-99T99:99:99.999Z", "no timestamp on {first:?}");
+    assert!(first[24..].starts_with(" INFO "), "{first:?}");
+    let start = r.fds();
+    // stderr is a pipe too; the pool itself starts empty.
+    // Every free fd goes to idle connections (2 each): at most one is left,
+    // and a pipe needs two.
+    let n = (LIMIT - start.total) / 2;
+    let addr = format!("127.0.0.1:{p}");
+    let mut conns: Vec<TcpStream> = (0..n).map(|_| connect(&addr)).collect();
+    assert!(
+        wait_until(Duration::from_secs(5), || r.fds().total == start.total + 2 * n),
+        "relay did not take {n} connections: {:?}",
+        r.fds()
+    );
+    let transfer = |c: &mut TcpStream, seed: u64| {
+        let data = pattern(seed, MIB);
+        let mut w = c.try_clone().unwrap();
+        let sent = data.clone();
+        let writer = thread::spawn(move || w.write_all(&sent));
+        let mut back = vec![0u8; MIB];
+        c.read_exact(&mut back).expect("echo through the relay");
+        writer.join().unwrap().expect("write through the relay");
+        assert!(back == data, "bytes differ");
+    };
+    transfer(&mut conns[0], 81);
+    let log = r.log();
+    assert!(
+        log.contains("cannot create a pipe") && log.contains("copying through user memory"),
+        "no copy-fallback warning:\n{}",
+        tail(&log, 20)
+    );
+    assert_eq!(r.fds().pipes, start.pipes, "a pipe was made at the fd limit");
+    // Free fds: the next transfer splices again.
+    for c in conns.drain(n / 2..) {
+        drop(c);
+    }
+    assert!(wait_until(Duration::from_secs(5), || r.fds().total <= start.total + n + 2), "{:?}", r.fds());
+    transfer(&mut conns[1], 82);
+    assert!(
+        wait_until(Duration::from_secs(2), || r.log().contains("pipes can be created again")),
+        "splicing did not resume:\n{}",
+        tail(&r.log(), 20)
+    );
+    assert!(r.fds().pipes >= start.pipes + 2, "no pipe in the pool after a spliced transfer: {:?}", r.fds());
+    let others: Vec<String> = warnings(&r.log())
+        .into_iter()
+        .filter(|l| !l.contains("cannot create a pipe"))
+        .map(String::from)
+        .collect();
+    assert!(others.is_empty(), "other warnings:\n{}", others.join("\n"));
+    assert_alive(&mut r);
+}

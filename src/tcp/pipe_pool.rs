@@ -101,7 +101,10 @@ impl PipePool {
                 sys::pipe_size(write.as_fd())?
             }
         };
-        self.warned_create = false;
+        if self.warned_create {
+            log::info!("pipes can be created again; splicing resumes");
+            self.warned_create = false;
+        }
         Ok(Pipe { read, write, capacity })
     }
 }
