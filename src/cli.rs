@@ -75,6 +75,13 @@ pub struct Args {
     /// UDP flows at most (the least recently used is evicted when full).
     #[arg(long, value_name = "N", default_value_t = 4096)]
     pub udp_max_flows: usize,
+    /// Send each datagram on its own, never joined into UDP GSO messages.
+    #[arg(long)]
+    pub no_udp_gso: bool,
+    /// Receive buffer of UDP listening sockets (SO_RCVBUFFORCE when allowed,
+    /// else SO_RCVBUF, which net.core.rmem_max caps).
+    #[arg(long, value_name = "BYTES", default_value = "4M", value_parser = parse_size)]
+    pub udp_rcvbuf: usize,
     /// Send a PROXY protocol header (v1 or v2) to every backend.
     #[arg(long, value_name = "VERSION", value_parser = parse_version)]
     pub send_proxy: Option<Version>,
@@ -187,7 +194,12 @@ impl Args {
                 pipe_spare: 32,
                 trusted,
             },
-            udp: UdpSettings { timeout: self.udp_timeout, max_flows: self.udp_max_flows },
+            udp: UdpSettings {
+                timeout: self.udp_timeout,
+                max_flows: self.udp_max_flows,
+                gso: !self.no_udp_gso,
+                rcvbuf: self.udp_rcvbuf,
+            },
             event_loop: LoopSettings { drain_timeout: self.drain_timeout, stats_interval: self.stats_interval },
             metrics: self.metrics,
             log_level: level,

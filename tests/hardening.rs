@@ -1249,11 +1249,8 @@ fn no_pipe_to_be_had_copies_through_user_memory_then_splices_again() {
         tail(&r.log(), 20)
     );
     assert!(r.fds().pipes >= start.pipes + 2, "no pipe in the pool after a spliced transfer: {:?}", r.fds());
-    let others: Vec<String> = warnings(&r.log())
-        .into_iter()
-        .filter(|l| !l.contains("cannot create a pipe"))
-        .map(String::from)
-        .collect();
+    let others: Vec<String> =
+        warnings(&r.log()).into_iter().filter(|l| !l.contains("cannot create a pipe")).map(String::from).collect();
     assert!(others.is_empty(), "other warnings:\n{}", others.join("\n"));
     assert_alive(&mut r);
 }

@@ -514,3 +514,90 @@ fn ipv4_clients_of_a_dual_stack_listener_arriving_together() {
     assert!(unanswered.is_empty(), "clients without replies: {unanswered:?}; log:\n{}", relay.log());
     assert_alive(&mut relay);
 }
+
+/// The datagram number `i` of a burst: its size and a pattern naming it.
+fn burst_datagram(i: usize) -> Vec<u8> {
+    // Runs of equal sizes (joined into GSO sends), broken by a shorter one
+    // (which ends a run) and a longer one (which cannot join one).
+    let len = match i {
+        17 => 300,
+        29 => 1200,
+        _ => 1000,
+    };
+    let mut d = pattern(i as u64 + 1, len);
+    d[0] = i as u8;
+    d
+}
+
+/// Receives `n` datagrams; each must equal `expected(i)` after `skip(d)` bytes.
+fn recv_burst(s: &UdpSocket, n: usize, skip: impl Fn(&[u8]) -> usize) -> Result<(), String> {
+    let mut buf = vec![0u8; 65536];
+    for i in 0..n {
+        let (len, _) = s.recv_from(&mut buf).map_err(|e| format!("datagram {i} of {n}: {e}"))?;
+        let got = &buf[..len];
+        let body = &got[skip(got).min(len)..];
+        let want = burst_datagram(i);
+        if body != want.as_slice() {
+            return Err(format!(
+                "datagram {i}: {} bytes, starting {:?}; wanted {} bytes",
+                body.len(),
+                &body[..body.len().min(4)],
+                want.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// 40 datagrams queued each way while the relay is stopped reach the other
+/// side as 40 datagrams, in order, sizes and bytes intact, when it goes on:
+/// the relay reads them in batches and sends runs as UDP GSO messages, and
+/// the receiver still sees every boundary. With `proxy`, every datagram
+/// carries its own PROXY v2 header.
+fn burst_both_ways(listen: &str, client_at: &str, proxy: bool, extra: &[&str]) {
+    const N: usize = 40;
+    let backend = client("127.0.0.1:0", Duration::from_secs(5));
+    let baddr = backend.local_addr().unwrap();
+    let p = free_port();
+    let fwd = format!("udp:{listen}:{p}={baddr}");
+    let mut args = vec![fwd.as_str()];
+    if proxy {
+        args.extend(["--send-proxy", "v2"]);
+    }
+    args.extend(extra);
+    let mut r = Relay::start(&args);
+    let relay_addr: SocketAddr = format!("{listen}:{p}").parse().unwrap();
+    let c = client(client_at, Duration::from_secs(5));
+    // v2 header: 16 bytes, then the address block whose length is in bytes 14-15.
+    let header_len =
+        |d: &[u8]| if proxy && d.len() >= 16 { 16 + u16::from_be_bytes([d[14], d[15]]) as usize } else { 0 };
+    c.send_to(b"hello", relay_addr).unwrap();
+    let mut buf = vec![0u8; 65536];
+    let (n, flow) = backend.recv_from(&mut buf).expect("first datagram");
+    assert_eq!(&buf[header_len(&buf[..n])..n], b"hello");
+    r.signal(19); // SIGSTOP
+    for i in 0..N {
+        c.send_to(&burst_datagram(i), relay_addr).unwrap();
+        backend.send_to(&burst_datagram(i), flow).unwrap();
+    }
+    r.signal(18); // SIGCONT
+    let up = recv_burst(&backend, N, header_len);
+    let down = recv_burst(&c, N, |_| 0);
+    assert_alive(&mut r);
+    assert_eq!((up, down), (Ok(()), Ok(())), "log:\n{}", r.log());
+}
+
+#[test]
+fn bursts_keep_every_datagram_boundary_both_ways_ipv6() {
+    burst_both_ways("[::1]", "[::1]:0", false, &[]);
+}
+
+#[test]
+fn bursts_with_a_proxy_header_on_each_datagram_ipv4() {
+    burst_both_ways("127.0.0.1", "127.0.0.1:0", true, &[]);
+}
+
+#[test]
+fn bursts_without_gso_and_with_a_small_receive_buffer() {
+    burst_both_ways("127.0.0.1", "127.0.0.1:0", false, &["--no-udp-gso", "--udp-rcvbuf", "256K"]);
+}

@@ -22,6 +22,11 @@ pub const BUF: usize = 65536;
 /// datagrams carry both: 40 + 32 bytes).
 const CTRL: usize = 128;
 
+/// A control-message buffer, aligned for `cmsghdr` (its `cmsg_len` is a size_t).
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Ctrl([u8; CTRL]);
+
 /// The local address a datagram was sent to, to answer from the same one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PktInfo {
@@ -65,15 +70,90 @@ pub struct Out {
     pub from: Option<PktInfo>,
 }
 
+/// `UDP_SEGMENT` from linux/udp.h: the segment size of a GSO send (Linux 4.18+).
+const UDP_SEGMENT: libc::c_int = 103;
+/// The most segments one GSO send may carry (UDP_MAX_SEGMENTS in older kernels).
+const GSO_MAX_SEGMENTS: usize = 64;
+/// The most payload bytes one GSO send may carry (an IPv4 datagram's limit).
+const GSO_MAX_BYTES: usize = 65_507;
+
+/// Whether, and up to what datagram size, a socket's sends may be joined
+/// into UDP GSO messages. Starts on; the kernel's answers narrow it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gso {
+    /// Largest datagram (prefix included) sent as a GSO segment; 0: off.
+    pub max_segment: usize,
+}
+
+impl Default for Gso {
+    fn default() -> Self {
+        Gso { max_segment: GSO_MAX_BYTES }
+    }
+}
+
+impl Gso {
+    /// GSO never used, for `--no-gso`.
+    pub const OFF: Gso = Gso { max_segment: 0 };
+
+    /// Learns from an error on a GSO send of `segment`-byte datagrams.
+    /// EINVAL/EMSGSIZE: the path MTU is smaller than the segment, so larger
+    /// segments stay single (below 1,200 bytes no MTU explains it: GSO is off).
+    /// Anything else (EIO: no checksum offload; ENOPROTOOPT: an old kernel): off.
+    fn refused(&mut self, segment: usize, e: &io::Error) {
+        let shrink = matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EMSGSIZE));
+        self.max_segment = if shrink && segment > 1200 { segment - 1 } else { 0 };
+        log::debug!("GSO send of {segment}-byte segments refused ({e}); now up to {} bytes", self.max_segment);
+    }
+}
+
+/// How consecutive datagrams are joined into messages: runs to the same
+/// destination from the same source, of one size, the last possibly shorter
+/// (the rule of UDP GSO), within the segment and byte limits. Returns the
+/// number of datagrams in each message, in order, for `sizes[i]` bytes each
+/// (with `same(i)` true if datagram i goes where datagram i-1 goes).
+pub fn plan_messages(
+    sizes: &[usize],
+    same: impl Fn(usize) -> bool,
+    gso: Gso,
+    max_messages: usize,
+    plan: &mut Vec<usize>,
+) {
+    plan.clear();
+    let mut k = 0;
+    while k < sizes.len() && plan.len() < max_messages {
+        let seg = sizes[k];
+        let mut j = k + 1;
+        if seg > 0 && seg <= gso.max_segment {
+            let mut total = seg;
+            while j < sizes.len() && j - k < GSO_MAX_SEGMENTS && same(j) {
+                let s = sizes[j];
+                if s == 0 || s > seg || total + s > GSO_MAX_BYTES {
+                    break;
+                }
+                total += s;
+                j += 1;
+                if s < seg {
+                    break;
+                }
+            }
+        }
+        plan.push(j - k);
+        k = j;
+    }
+}
+
 /// Buffers and headers for one batch of datagrams, reused for every call.
 pub struct Batch {
     bufs: Vec<u8>,
     names: Vec<libc::sockaddr_storage>,
-    ctrl: Vec<[u8; CTRL]>,
-    iovs: Vec<[libc::iovec; 2]>,
+    ctrl: Vec<Ctrl>,
+    /// Two per datagram: an optional prefix, then the payload.
+    iovs: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
     /// Per received datagram, what the kernel said.
     pub meta: Vec<Meta>,
+    sizes: Vec<usize>,
+    plan: Vec<usize>,
 }
 
 impl Default for Batch {
@@ -89,10 +169,12 @@ impl Batch {
         Batch {
             bufs: vec![0; BATCH * BUF],
             names: vec![zeroed(); BATCH],
-            ctrl: vec![[0; CTRL]; BATCH],
-            iovs: vec![[empty_iov; 2]; BATCH],
+            ctrl: vec![Ctrl([0; CTRL]); BATCH],
+            iovs: vec![empty_iov; 2 * BATCH],
             hdrs: vec![zeroed(); BATCH],
             meta: Vec::with_capacity(BATCH),
+            sizes: Vec::with_capacity(BATCH),
+            plan: Vec::with_capacity(BATCH),
         }
     }
 
@@ -108,13 +190,14 @@ impl Batch {
         for i in 0..BATCH {
             // SAFETY: i * BUF + BUF <= bufs.len(): the pointer stays in the allocation.
             let buf = unsafe { base.add(i * BUF) };
-            self.iovs[i][0] = libc::iovec { iov_base: buf.cast(), iov_len: BUF };
+            self.iovs[i] = libc::iovec { iov_base: buf.cast(), iov_len: BUF };
             let h = &mut self.hdrs[i].msg_hdr;
             h.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
             h.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as _;
-            h.msg_iov = self.iovs[i].as_mut_ptr();
+            // SAFETY: i < BATCH <= iovs.len().
+            h.msg_iov = unsafe { self.iovs.as_mut_ptr().add(i) };
             h.msg_iovlen = 1;
-            h.msg_control = self.ctrl[i].as_mut_ptr().cast();
+            h.msg_control = self.ctrl[i].0.as_mut_ptr().cast();
             h.msg_controllen = CTRL as _;
             h.msg_flags = 0;
             self.hdrs[i].msg_len = 0;
@@ -136,51 +219,85 @@ impl Batch {
     }
 
     /// Sends the datagrams `outs` (payloads from the receive buffers), each
-    /// optionally preceded by `prefix` (a PROXY header). Returns how many the
-    /// kernel took; the rest would block.
-    pub fn send(&mut self, fd: BorrowedFd<'_>, outs: &[Out], prefix: &[(usize, [u8; 64])]) -> io::Result<usize> {
-        let n = outs.len().min(BATCH);
-        let base = self.bufs.as_mut_ptr();
-        for (k, out) in outs[..n].iter().enumerate() {
-            let len = self.meta[out.index].len;
-            // SAFETY: out.index < BATCH, so the buffer lies inside `bufs`.
-            let buf = unsafe { base.add(out.index * BUF) };
-            let payload = libc::iovec { iov_base: buf.cast(), iov_len: len };
-            let mut iovlen = 1;
-            self.iovs[k][0] = payload;
-            if let Some((plen, p)) = prefix.get(k).filter(|(l, _)| *l > 0) {
-                self.iovs[k][0] = libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: *plen };
-                self.iovs[k][1] = payload;
-                iovlen = 2;
-            }
-            let h = &mut self.hdrs[k].msg_hdr;
-            h.msg_iov = self.iovs[k].as_mut_ptr();
-            h.msg_iovlen = iovlen;
-            h.msg_flags = 0;
-            match out.to {
-                Some(to) => {
-                    h.msg_namelen = to_storage(to, &mut self.names[k]) as _;
-                    h.msg_name = (&mut self.names[k] as *mut libc::sockaddr_storage).cast();
+    /// optionally preceded by `prefix` (a PROXY header), in one sendmmsg.
+    /// Runs of equal-size datagrams to one destination go as one UDP GSO
+    /// message each while `gso` allows (the receiver still gets separate
+    /// datagrams); a refused GSO send narrows `gso` and is tried again
+    /// without it. Returns how many datagrams the kernel took; the rest
+    /// would block.
+    pub fn send(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        outs: &[Out],
+        prefix: &[(usize, [u8; 64])],
+        gso: &mut Gso,
+    ) -> io::Result<usize> {
+        let outs = &outs[..outs.len().min(BATCH)];
+        let plen = |k: usize| prefix.get(k).map_or(0, |(l, _)| *l);
+        self.sizes.clear();
+        self.sizes.extend(outs.iter().enumerate().map(|(k, o)| plen(k) + self.meta[o.index].len));
+        loop {
+            let same = |j: usize| outs[j].to == outs[j - 1].to && outs[j].from == outs[j - 1].from;
+            plan_messages(&self.sizes, same, *gso, BATCH, &mut self.plan);
+            let base = self.bufs.as_mut_ptr();
+            let iovs = self.iovs.as_mut_ptr();
+            let (mut k, mut v) = (0, 0);
+            for (m, &segments) in self.plan.iter().enumerate() {
+                let first_iov = v;
+                for (j, out) in outs.iter().enumerate().skip(k).take(segments) {
+                    if plen(j) > 0 {
+                        let p = &prefix[j].1;
+                        self.iovs[v] = libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: plen(j) };
+                        v += 1;
+                    }
+                    // SAFETY: out.index < BATCH, so the buffer lies inside `bufs`.
+                    let buf = unsafe { base.add(out.index * BUF) };
+                    self.iovs[v] = libc::iovec { iov_base: buf.cast(), iov_len: self.meta[out.index].len };
+                    v += 1;
                 }
-                None => {
-                    h.msg_name = ptr::null_mut();
-                    h.msg_namelen = 0;
+                let h = &mut self.hdrs[m].msg_hdr;
+                // SAFETY: first_iov < v <= 2 * BATCH = iovs.len().
+                h.msg_iov = unsafe { iovs.add(first_iov) };
+                h.msg_iovlen = (v - first_iov) as _;
+                h.msg_flags = 0;
+                match outs[k].to {
+                    Some(to) => {
+                        h.msg_namelen = to_storage(to, &mut self.names[m]) as _;
+                        h.msg_name = (&mut self.names[m] as *mut libc::sockaddr_storage).cast();
+                    }
+                    None => {
+                        h.msg_name = ptr::null_mut();
+                        h.msg_namelen = 0;
+                    }
                 }
+                let segment = (segments > 1).then_some(self.sizes[k]);
+                let clen = put_cmsgs(&mut self.ctrl[m], outs[k].from, segment);
+                h.msg_control = if clen > 0 { self.ctrl[m].0.as_mut_ptr().cast() } else { ptr::null_mut() };
+                h.msg_controllen = clen as _;
+                k += segments;
             }
-            let clen = out.from.map_or(0, |from| put_pktinfo(&mut self.ctrl[k], from));
-            h.msg_control = if clen > 0 { self.ctrl[k].as_mut_ptr().cast() } else { ptr::null_mut() };
-            h.msg_controllen = clen as _;
-        }
-        let raw = fd.as_raw_fd();
-        let hdrs = self.hdrs.as_mut_ptr();
-        // SAFETY: the first `n` headers point at buffers in this batch or in
-        // `prefix`, both alive and unmodified for the call.
-        match retry(|| syscall!(sendmmsg(raw, hdrs, n as _, libc::MSG_DONTWAIT))) {
-            Ok(sent) => Ok(sent as usize),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-            Err(e) => Err(e),
+            let raw = fd.as_raw_fd();
+            let hdrs = self.hdrs.as_mut_ptr();
+            let messages = self.plan.len();
+            // SAFETY: the first `messages` headers point at iovecs, names and
+            // control buffers of this batch, and at payloads in this batch or
+            // in `prefix`, all alive and unmodified for the call.
+            match retry(|| syscall!(sendmmsg(raw, hdrs, messages as _, libc::MSG_DONTWAIT))) {
+                Ok(sent) => return Ok(self.plan[..sent as usize].iter().sum()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+                Err(e) if self.plan[0] > 1 && !is_peer_error(&e) => gso.refused(self.sizes[0], &e),
+                Err(e) => return Err(e),
+            }
         }
     }
+}
+
+/// An error that says something about the peer (a stale ICMP), not about GSO.
+fn is_peer_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EPERM | libc::ENOBUFS)
+    )
 }
 
 /// Receives and discards one pending error of a UDP socket (SO_ERROR), so
@@ -267,16 +384,39 @@ fn pktinfo(h: &libc::msghdr) -> Option<PktInfo> {
     found
 }
 
-/// Writes an IP_PKTINFO / IPV6_PKTINFO control message choosing the source
-/// address; returns its length.
-fn put_pktinfo(ctrl: &mut [u8; CTRL], from: PktInfo) -> usize {
-    let mut h: libc::msghdr = zeroed();
-    h.msg_control = ctrl.as_mut_ptr().cast();
-    h.msg_controllen = CTRL as _;
-    // SAFETY: CTRL (128) exceeds CMSG_SPACE of both pktinfo structs (32 and 36
-    // bytes), so the one message written stays inside `ctrl`.
+/// Writes the control messages of one send: IP_PKTINFO / IPV6_PKTINFO
+/// choosing the source address, and UDP_SEGMENT for a GSO message; returns
+/// their length.
+fn put_cmsgs(ctrl: &mut Ctrl, from: Option<PktInfo>, segment: Option<usize>) -> usize {
+    let mut len = 0;
+    // SAFETY: CTRL (128) exceeds CMSG_SPACE of a pktinfo struct (at most 40
+    // bytes) plus CMSG_SPACE of a u16 (24 bytes), so both messages stay
+    // inside `ctrl`; each starts at a CMSG_SPACE boundary, which keeps the
+    // 8-byte alignment of `Ctrl`.
     unsafe {
-        let c = libc::CMSG_FIRSTHDR(&h);
+        let base = ctrl.0.as_mut_ptr();
+        if let Some(from) = from {
+            len += put_pktinfo(base.cast(), from);
+        }
+        if let Some(seg) = segment {
+            let c = base.add(len).cast::<libc::cmsghdr>();
+            (*c).cmsg_level = libc::SOL_UDP;
+            (*c).cmsg_type = UDP_SEGMENT;
+            (*c).cmsg_len = libc::CMSG_LEN(mem::size_of::<u16>() as u32) as _;
+            ptr::write_unaligned(libc::CMSG_DATA(c).cast(), seg as u16);
+            len += libc::CMSG_SPACE(mem::size_of::<u16>() as u32) as usize;
+        }
+    }
+    len
+}
+
+/// Writes one IP_PKTINFO / IPV6_PKTINFO message at `c`; returns its space.
+///
+/// # Safety
+/// `c` must point at a cmsghdr with room for CMSG_SPACE(sizeof in6_pktinfo) bytes.
+unsafe fn put_pktinfo(c: *mut libc::cmsghdr, from: PktInfo) -> usize {
+    // SAFETY: the caller guarantees the room; every write is within it.
+    unsafe {
         match from {
             PktInfo::V4(ip, _) => {
                 let pi = libc::in_pktinfo {
@@ -300,5 +440,73 @@ fn put_pktinfo(ctrl: &mut [u8; CTRL], from: PktInfo) -> usize {
                 libc::CMSG_SPACE(mem::size_of_val(&pi) as u32) as usize
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(sizes: &[usize], gso: Gso) -> Vec<usize> {
+        let mut p = Vec::new();
+        plan_messages(sizes, |_| true, gso, BATCH, &mut p);
+        p
+    }
+
+    #[test]
+    fn equal_sizes_join_and_a_shorter_one_ends_the_run() {
+        assert_eq!(plan(&[64; 5], Gso::default()), [5]);
+        assert_eq!(plan(&[64, 64, 10, 64, 64], Gso::default()), [3, 2]);
+        // A longer datagram cannot follow shorter segments.
+        assert_eq!(plan(&[64, 100, 100, 20], Gso::default()), [1, 3]);
+        // Empty datagrams always go alone.
+        assert_eq!(plan(&[0, 0, 64, 0], Gso::default()), [1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn limits_segments_bytes_and_destinations() {
+        assert_eq!(plan(&[10; 70], Gso::default()), [64, 6]);
+        // 46 x 1400 = 64,400 bytes fit; a 47th would pass 65,507.
+        assert_eq!(plan(&[1400; 50], Gso::default()), [46, 4]);
+        assert_eq!(plan(&[40_000, 40_000], Gso::default()), [1, 1]);
+        let mut p = Vec::new();
+        plan_messages(&[64; 6], |j| j != 3, Gso::default(), BATCH, &mut p);
+        assert_eq!(p, [3, 3]);
+        plan_messages(&[64; 6], |_| false, Gso::default(), 4, &mut p);
+        assert_eq!(p, [1, 1, 1, 1], "at most max_messages");
+    }
+
+    #[test]
+    fn off_or_narrowed_gso_sends_singly() {
+        assert_eq!(plan(&[64; 4], Gso::OFF), [1, 1, 1, 1]);
+        let mut g = Gso::default();
+        g.refused(1400, &io::Error::from_raw_os_error(libc::EINVAL));
+        assert_eq!(g.max_segment, 1399);
+        assert_eq!(plan(&[1400, 1400, 64, 64], g), [1, 1, 2]);
+        g.refused(64, &io::Error::from_raw_os_error(libc::EINVAL));
+        assert_eq!(g, Gso::OFF, "no MTU explains refusing 64-byte segments");
+        let mut g = Gso::default();
+        g.refused(64, &io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(g, Gso::OFF);
+    }
+
+    #[test]
+    fn cmsgs_fit_and_are_well_formed() {
+        let mut c = Ctrl([0; CTRL]);
+        let from = PktInfo::V6(Ipv6Addr::LOCALHOST, 1);
+        let len = put_cmsgs(&mut c, Some(from), Some(1400));
+        assert!(len <= CTRL);
+        let mut h: libc::msghdr = zeroed();
+        h.msg_control = c.0.as_mut_ptr().cast();
+        h.msg_controllen = len as _;
+        assert_eq!(pktinfo(&h), Some(from));
+        // The second message is UDP_SEGMENT = 1400.
+        // CMSG_SPACE(20) on 64-bit Linux: a 16-byte header, 20 bytes, padding to 8.
+        let second = &c.0[40..];
+        let level = i32::from_ne_bytes(second[8..12].try_into().unwrap());
+        let kind = i32::from_ne_bytes(second[12..16].try_into().unwrap());
+        let seg = u16::from_ne_bytes(second[16..18].try_into().unwrap());
+        assert_eq!((level, kind, seg), (libc::SOL_UDP, UDP_SEGMENT, 1400));
+        assert_eq!(put_cmsgs(&mut c, None, None), 0);
     }
 }

@@ -121,6 +121,16 @@ pub fn enable_pktinfo(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Asks for a receive buffer of `size` bytes: SO_RCVBUFFORCE (CAP_NET_ADMIN)
+/// first, else SO_RCVBUF (capped by net.core.rmem_max). Returns what the
+/// kernel reports back (it doubles the request for its own bookkeeping).
+pub fn set_rcvbuf(fd: BorrowedFd<'_>, size: usize) -> io::Result<usize> {
+    if sock::setsockopt(&fd, sockopt::RcvBufForce, &size).is_err() {
+        sock::setsockopt(&fd, sockopt::RcvBuf, &size)?;
+    }
+    Ok(sock::getsockopt(&fd, sockopt::RcvBuf)? / 2)
+}
+
 /// A UDP socket connected to `peer`, for one client flow.
 pub fn udp_connected(peer: SocketAddr) -> io::Result<OwnedFd> {
     let fd = socket_for(peer, sock::SockType::Datagram)?;

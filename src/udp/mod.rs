@@ -16,7 +16,7 @@ use crate::event_loop::{Ctx, Kind, token};
 use crate::proxy_protocol::{self as pp, Transport, Version};
 use crate::slab::Slab;
 use crate::stats::UdpStats;
-use crate::sys::mmsg::{BATCH, Batch, Out, PktInfo};
+use crate::sys::mmsg::{BATCH, Batch, Gso, Out, PktInfo};
 use crate::tcp::unmap;
 use crate::timer::Timer;
 use flow_table::FlowTable;
@@ -28,6 +28,10 @@ pub struct UdpSettings {
     pub timeout: Duration,
     /// At most this many flows at once (the least recently used is evicted).
     pub max_flows: usize,
+    /// Join runs of equal-size datagrams into UDP GSO sends.
+    pub gso: bool,
+    /// Receive buffer asked for on listening sockets (0: the system default).
+    pub rcvbuf: usize,
 }
 
 /// A listening UDP socket and where its datagrams go.
@@ -39,6 +43,10 @@ pub struct UdpListener {
     pub target: SocketAddr,
     send_proxy: Option<Version>,
     readable: bool,
+    /// GSO for replies sent to clients.
+    gso: Gso,
+    /// GSO for a new flow towards the backend.
+    flow_gso: Gso,
     /// Counters.
     pub stats: UdpStats,
 }
@@ -50,6 +58,8 @@ struct Flow {
     client: SocketAddr,
     /// The address the client sent to: replies leave from it.
     reply_from: Option<PktInfo>,
+    /// GSO towards the backend.
+    gso: Gso,
 }
 
 /// All UDP listeners and flows of the process.
@@ -91,6 +101,16 @@ impl UdpRelay {
         sock.set_nonblocking(true)?;
         let addr = sock.local_addr()?;
         crate::sys::enable_pktinfo(sock.as_fd(), addr.is_ipv6())?;
+        if self.settings.rcvbuf > 0 {
+            match crate::sys::set_rcvbuf(sock.as_fd(), self.settings.rcvbuf) {
+                Ok(got) if got < self.settings.rcvbuf => log::info!(
+                    "udp {addr}: receive buffer {got} bytes, not {} (raise net.core.rmem_max or run with CAP_NET_ADMIN)",
+                    self.settings.rcvbuf
+                ),
+                Ok(_) => {}
+                Err(e) => log::warn!("udp {addr}: cannot set the receive buffer: {e}"),
+            }
+        }
         let mut sock = UdpSocket::from_std(sock);
         registry.register(&mut sock, token(Kind::UdpListener, self.listeners.len()), Interest::READABLE)?;
         self.listeners.push(UdpListener {
@@ -99,9 +119,15 @@ impl UdpRelay {
             target,
             send_proxy,
             readable: true,
+            gso: self.gso_default(),
+            flow_gso: self.gso_default(),
             stats: UdpStats::default(),
         });
         Ok(())
+    }
+
+    fn gso_default(&self) -> Gso {
+        if self.settings.gso { Gso::default() } else { Gso::OFF }
     }
 
     /// Flows open now.
@@ -158,7 +184,7 @@ impl UdpRelay {
                     None => {
                         if self.table.is_full() {
                             // The flow evicted next may have datagrams waiting in `outs`: send them first.
-                            flush(batch, &self.flows, &mut self.listeners, idx, queue);
+                            flush(batch, &mut self.flows, &mut self.listeners, idx, queue);
                         }
                         let l = &mut self.listeners[idx];
                         match open_flow(&mut self.flows, &mut self.table, idx, l, client, meta.dst, ctx) {
@@ -180,7 +206,7 @@ impl UdpRelay {
                 self.sweeping = true;
                 ctx.timers.add(ctx.now + sweep_every(self.settings.timeout), Timer::UdpSweep);
             }
-            flush(batch, &self.flows, &mut self.listeners, idx, queue);
+            flush(batch, &mut self.flows, &mut self.listeners, idx, queue);
             if n < BATCH {
                 self.listeners[idx].readable = false;
                 return;
@@ -230,7 +256,7 @@ impl UdpRelay {
             l.stats.dropped += (n - outs.len()) as u64;
             let bytes: usize = outs.iter().map(|o| batch.meta[o.index].len).sum();
             let sent = match l.sock.as_ref() {
-                Some(sock) => send_all(batch, sock.as_fd(), outs, &[]),
+                Some(sock) => send_all(batch, sock.as_fd(), outs, &[], &mut l.gso),
                 None => 0,
             };
             l.stats.datagrams_down += sent as u64;
@@ -299,16 +325,16 @@ struct OutQueue {
 }
 
 /// Sends the queued datagrams, runs for the same flow in one sendmmsg, and empties the queue.
-fn flush(batch: &mut Batch, flows: &Slab<Flow>, listeners: &mut [UdpListener], idx: usize, queue: &mut OutQueue) {
+fn flush(batch: &mut Batch, flows: &mut Slab<Flow>, listeners: &mut [UdpListener], idx: usize, queue: &mut OutQueue) {
     let mut start = 0;
     while start < queue.flows.len() {
         let flow_key = queue.flows[start];
         let end = start + queue.flows[start..].iter().take_while(|&&f| f == flow_key).count();
         let run = &queue.outs[start..end];
-        if let Some(flow) = flows.get(flow_key) {
+        if let Some(flow) = flows.get_mut(flow_key) {
             let l = &listeners[idx];
             let prefixes = l.send_proxy.map(|v| vec![proxy_prefix(v, flow, l.addr); run.len()]);
-            let sent = send_all(batch, flow.sock.as_fd(), run, prefixes.as_deref().unwrap_or(&[]));
+            let sent = send_all(batch, flow.sock.as_fd(), run, prefixes.as_deref().unwrap_or(&[]), &mut flow.gso);
             listeners[idx].stats.dropped += (run.len() - sent) as u64;
         }
         start = end;
@@ -345,7 +371,7 @@ fn open_flow(
         log::warn!("udp {client}: cannot register a flow: {e}");
         return None;
     }
-    flows.insert(Flow { sock, listener: idx, client, reply_from });
+    flows.insert(Flow { sock, listener: idx, client, reply_from, gso: l.flow_gso });
     l.stats.flows_total += 1;
     log::debug!("udp flow {} -> {} -> {} opened", unmap(client), l.addr, l.target);
     if let Some((_, old)) = table.insert((idx, client), key, ctx.now) {
@@ -365,11 +391,17 @@ fn proxy_prefix(v: Version, flow: &Flow, listen: SocketAddr) -> (usize, [u8; 64]
 }
 
 /// Sends every datagram of `outs` it can; returns how many went out.
-fn send_all(batch: &mut Batch, fd: std::os::fd::BorrowedFd<'_>, outs: &[Out], prefix: &[(usize, [u8; 64])]) -> usize {
+fn send_all(
+    batch: &mut Batch,
+    fd: std::os::fd::BorrowedFd<'_>,
+    outs: &[Out],
+    prefix: &[(usize, [u8; 64])],
+    gso: &mut Gso,
+) -> usize {
     let mut sent = 0;
     while sent < outs.len() {
         let pre = prefix.get(sent..).unwrap_or(&[]);
-        match batch.send(fd, &outs[sent..], pre) {
+        match batch.send(fd, &outs[sent..], pre, gso) {
             Ok(0) => break,
             Ok(n) => sent += n,
             Err(e) => {
