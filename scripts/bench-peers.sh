@@ -12,7 +12,7 @@
 # CPU 0. Relay CPU is the cpuacct.usage of a cgroup v1 group holding only the relay's
 # process tree (utime+stime from /proc when no cgroup can be made).
 #
-# Cases (--cases 1,2,3,4,5 or iperf,wrk,idle,udp,ports):
+# Cases (--cases 1,2,3,4,5,6 or iperf,wrk,idle,udp,ports,dockeridle):
 #   1 iperf    iperf3 TCP bulk, 1 and 8 streams, both directions: Gbit/s, relay CPU s/GB
 #   2 wrk      wrk -> relay -> nginx (small static file), 50 connections,
 #              Connection: close (conn/s, p50/p99, relay CPU ms per 1000 conn) and keep-alive (req/s)
@@ -21,6 +21,8 @@
 #              offered/delivered pps, loss, relay CPU s per million delivered
 #   5 ports    1,000 forwarded ports: one splice-relay (port range) vs 1,000 docker-proxy
 #              processes (and one HAProxy): start-up time, total RSS/PSS
+#   6 dockeridle  idle docker-mode processes (what dockerd starts, one per port and
+#              family), 1 alone and 10 side by side: PSS per process
 # Each measurement is repeated 3 times (median shown); --quick: once, shorter runs,
 # under 5 minutes. Raw results (TSV: case, peer, metric, value) go to a file whose
 # path is printed; the summary is one markdown table with ratios vs each peer.
@@ -38,7 +40,7 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 
 QUICK=0
 PEERS="splice-relay,docker-proxy,haproxy-splice,haproxy,socat,direct"
-CASES="iperf,wrk,idle,udp,ports"
+CASES="iperf,wrk,idle,udp,ports,dockeridle"
 OUT=""
 RELAY_BIN="${SPLICE_RELAY_BIN:-}"
 RELAY_ARGS="" # extra splice-relay options, e.g. "--no-splice"
@@ -537,6 +539,44 @@ EOF
   MANY_PIDFILE=""
 }
 
+case_dockeridle() {
+  local lo=26000 off=1000 peer n bin name
+  for peer in splice-relay docker-proxy; do
+    has "$PEERS" "$peer" || continue
+    bin=$RELAY_BIN
+    if [ "$peer" = docker-proxy ]; then
+      [ -n "$DOCKER_PROXY" ] || continue
+      bin=$DOCKER_PROXY
+    fi
+    for n in 1 10; do
+      name="docker mode, $n idle"
+      for _ in $(seq "$REPEAT"); do
+        MANY_PIDFILE="$TMPD/many.pids"
+        : >"$MANY_PIDFILE"
+        local st m mp
+        st=$(python3 "$HELPER" startmany "$MANY_PIDFILE" "$lo-$((lo + n - 1))" "$off" 30 -- "${TS_RELAY[@]}" "$bin" \
+          -proto tcp -host-ip ::1 -host-port '{L}' -container-ip 127.0.0.1 -container-port '{T}')
+        sleep 1
+        mapfile -t mp <"$MANY_PIDFILE"; m=$(python3 "$HELPER" memtree "${mp[@]}")
+        log "$name $peer: ($st) $m"
+        python3 - "$m" "$n" <<'EOF' | while IFS=$'\t' read -r k v; do record "$name" "$peer" "$k" "$v"; done
+import sys
+m = dict(x.split("=") for x in sys.argv[1].split())
+n = int(sys.argv[2])
+if int(m["procs"]) == n:
+    print(f"PSS KB/process\t{int(m['pss_kb']) / n:.0f}")
+    print(f"RSS KB/process\t{int(m['rss_kb']) / n:.0f}")
+else:
+    print(f"PSS KB/process\tfails ({m['procs']} of {n} running)")
+EOF
+        kill_pids "${mp[@]}"
+        sleep 0.5
+      done
+    done
+  done
+  MANY_PIDFILE=""
+}
+
 # ---------------------------------------------------------------- main
 START=$(date +%s)
 install_tools
@@ -553,6 +593,7 @@ has "$CASES" wrk && case_wrk
 has "$CASES" idle && case_idle
 has "$CASES" udp && case_udp
 has "$CASES" ports && case_ports
+has "$CASES" dockeridle && case_dockeridle
 log "done in $(($(date +%s) - START)) s"
 echo
 echo "## splice-relay vs peers ($([ $QUICK = 1 ] && echo "quick, 1 run each" || echo "median of $REPEAT"); relay on CPU $RELAY_CPU, load on CPU $LOAD_CPU)"
