@@ -136,6 +136,22 @@ pub struct Config {
 }
 
 impl Args {
+    /// The options as clap gives them for an empty command line, built
+    /// without clap (docker mode never runs the parser unless
+    /// SPLICE_RELAY_OPTS is set, which keeps clap's code out of memory).
+    /// A unit test keeps the two in step.
+    pub fn defaults() -> Args {
+        Args {
+            connect_timeout: Duration::from_secs(10),
+            half_close_timeout: Duration::from_secs(300),
+            udp_timeout: Duration::from_secs(90),
+            udp_max_flows: 4096,
+            udp_rcvbuf: 4 << 20,
+            proxy_header_timeout: Duration::from_secs(5),
+            ..Args::default()
+        }
+    }
+
     /// Turns the arguments into a config: reads config files, expands
     /// ranges, resolves host names, applies global options.
     pub fn into_config(self, resolve: Resolver<'_>) -> Result<Config, StartError> {
@@ -204,5 +220,16 @@ impl Args {
             metrics: self.metrics,
             log_level: level,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_an_empty_command_line() {
+        let parsed = Args::try_parse_from(["splice-relay"]).unwrap();
+        assert_eq!(format!("{:?}", Args::defaults()), format!("{parsed:?}"));
     }
 }

@@ -193,6 +193,9 @@ impl Status {
 pub fn native_options(env: Option<OsString>) -> Result<crate::cli::Args, StartError> {
     use clap::Parser;
     let text = env.map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    if text.trim().is_empty() {
+        return Ok(crate::cli::Args::defaults());
+    }
     let words = std::iter::once("splice-relay".to_string()).chain(text.split_whitespace().map(String::from));
     let args = crate::cli::Args::try_parse_from(words).map_err(|e| {
         StartError::Runtime(format!("SPLICE_RELAY_OPTS: {}", e.to_string().lines().next().unwrap_or("")))
