@@ -601,3 +601,42 @@ fn bursts_with_a_proxy_header_on_each_datagram_ipv4() {
 fn bursts_without_gso_and_with_a_small_receive_buffer() {
     burst_both_ways("127.0.0.1", "127.0.0.1:0", false, &["--no-udp-gso", "--udp-rcvbuf", "256K"]);
 }
+
+/// Runs tests/helpers/gso_client.py: a client and a backend that each send
+/// one UDP GSO burst (a run of equal datagrams and a short tail in one
+/// sendmsg) through the relay, which receives it whole (UDP_GRO) unless told
+/// otherwise. Every datagram must arrive alone, in order, intact.
+fn gso_bursts(family: &str, extra: &[&str]) {
+    let backend_port = free_port();
+    let p = free_port();
+    let listen = if family == "6" { format!("[::1]:{p}") } else { format!("127.0.0.1:{p}") };
+    let fwd = format!("udp:{listen}=127.0.0.1:{backend_port}");
+    let mut args = vec![fwd.as_str()];
+    args.extend(extra);
+    let mut r = Relay::start(&args);
+    let proxy = if extra.contains(&"--send-proxy") { "1" } else { "0" };
+    let out = std::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/helpers/gso_client.py"))
+        .args([family, &p.to_string(), &backend_port.to_string(), proxy])
+        .output()
+        .expect("run python3");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_alive(&mut r);
+    assert!(out.status.success() && text.trim() == "ok", "{text}\nrelay log:\n{}", r.log());
+}
+
+#[test]
+fn gso_bursts_from_client_and_backend_arrive_datagram_by_datagram() {
+    gso_bursts("4", &[]);
+    gso_bursts("6", &[]);
+}
+
+#[test]
+fn gso_bursts_with_a_proxy_header_on_every_datagram() {
+    gso_bursts("6", &["--send-proxy", "v2"]);
+}
+
+#[test]
+fn gso_bursts_with_offloads_off() {
+    gso_bursts("4", &["--no-udp-gso"]);
+}

@@ -57,13 +57,30 @@ pub struct Meta {
     pub source: Option<SocketAddr>,
     /// The local address it was sent to.
     pub dst: Option<PktInfo>,
+    /// With UDP_GRO, the buffer holds datagrams of this size, the last one
+    /// possibly shorter; without, the whole buffer is one datagram (= len).
+    pub segment: usize,
 }
 
-/// One outgoing datagram: which receive buffer, to whom, from which address.
+impl Meta {
+    /// The datagrams in the buffer, as (offset, length): one per GRO
+    /// segment, or the whole buffer (an empty datagram included).
+    pub fn datagrams(&self) -> impl Iterator<Item = (usize, usize)> + use<> {
+        let (len, seg) = (self.len, self.segment.max(1));
+        let count = if len == 0 { 1 } else { len.div_ceil(seg) };
+        (0..count).map(move |k| (k * seg, seg.min(len - (k * seg).min(len))))
+    }
+}
+
+/// One outgoing datagram: where in which receive buffer, to whom, from which address.
 #[derive(Clone, Copy, Debug)]
 pub struct Out {
     /// Index of the receive buffer holding the payload.
     pub index: usize,
+    /// Where the payload starts in that buffer (a GRO segment's offset).
+    pub offset: usize,
+    /// Payload bytes.
+    pub len: usize,
     /// Destination (None on a connected socket).
     pub to: Option<SocketAddr>,
     /// Source address to use.
@@ -72,6 +89,10 @@ pub struct Out {
 
 /// `UDP_SEGMENT` from linux/udp.h: the segment size of a GSO send (Linux 4.18+).
 const UDP_SEGMENT: libc::c_int = 103;
+/// `UDP_GRO` from linux/udp.h: receive runs of one flow's datagrams as one buffer (Linux 5.0+).
+const UDP_GRO: libc::c_int = 104;
+/// Iovecs one send call may use (two per datagram: prefix, payload).
+const MAX_IOVS: usize = 1024;
 /// The most segments one GSO send may carry (UDP_MAX_SEGMENTS in older kernels).
 const GSO_MAX_SEGMENTS: usize = 64;
 /// The most payload bytes one GSO send may carry (an IPv4 datagram's limit).
@@ -147,7 +168,7 @@ pub struct Batch {
     bufs: Vec<u8>,
     names: Vec<libc::sockaddr_storage>,
     ctrl: Vec<Ctrl>,
-    /// Two per datagram: an optional prefix, then the payload.
+    /// Up to two per datagram sent (an optional prefix, then the payload).
     iovs: Vec<libc::iovec>,
     hdrs: Vec<libc::mmsghdr>,
     /// Per received datagram, what the kernel said.
@@ -170,17 +191,12 @@ impl Batch {
             bufs: vec![0; BATCH * BUF],
             names: vec![zeroed(); BATCH],
             ctrl: vec![Ctrl([0; CTRL]); BATCH],
-            iovs: vec![empty_iov; 2 * BATCH],
+            iovs: vec![empty_iov; MAX_IOVS],
             hdrs: vec![zeroed(); BATCH],
             meta: Vec::with_capacity(BATCH),
             sizes: Vec::with_capacity(BATCH),
             plan: Vec::with_capacity(BATCH),
         }
-    }
-
-    /// The payload of received datagram `i`.
-    pub fn payload(&self, i: usize) -> &[u8] {
-        &self.bufs[i * BUF..i * BUF + self.meta[i].len]
     }
 
     /// Receives up to BATCH datagrams; fills `meta`, returns how many.
@@ -211,9 +227,11 @@ impl Batch {
             let h = &self.hdrs[i];
             let len = h.msg_len as usize;
             let source = from_storage(&self.names[i], h.msg_hdr.msg_namelen as usize);
-            let dst = pktinfo(&h.msg_hdr);
+            let (dst, gro) = parse_cmsgs(&h.msg_hdr);
             let truncated = h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || len > BUF - 1;
-            self.meta.push(Meta { len: len.min(BUF), truncated, source, dst });
+            let len = len.min(BUF);
+            let segment = gro.filter(|&g| g > 0 && g < len).unwrap_or(len);
+            self.meta.push(Meta { len, truncated, source, dst, segment });
         }
         Ok(n)
     }
@@ -232,10 +250,11 @@ impl Batch {
         prefix: &[(usize, [u8; 64])],
         gso: &mut Gso,
     ) -> io::Result<usize> {
-        let outs = &outs[..outs.len().min(BATCH)];
+        // Each datagram takes at most two iovecs.
+        let outs = &outs[..outs.len().min(MAX_IOVS / 2)];
         let plen = |k: usize| prefix.get(k).map_or(0, |(l, _)| *l);
         self.sizes.clear();
-        self.sizes.extend(outs.iter().enumerate().map(|(k, o)| plen(k) + self.meta[o.index].len));
+        self.sizes.extend(outs.iter().enumerate().map(|(k, o)| plen(k) + o.len));
         loop {
             let same = |j: usize| outs[j].to == outs[j - 1].to && outs[j].from == outs[j - 1].from;
             plan_messages(&self.sizes, same, *gso, BATCH, &mut self.plan);
@@ -250,13 +269,16 @@ impl Batch {
                         self.iovs[v] = libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: plen(j) };
                         v += 1;
                     }
-                    // SAFETY: out.index < BATCH, so the buffer lies inside `bufs`.
-                    let buf = unsafe { base.add(out.index * BUF) };
-                    self.iovs[v] = libc::iovec { iov_base: buf.cast(), iov_len: self.meta[out.index].len };
+                    debug_assert!(out.index < BATCH && out.offset + out.len <= BUF);
+                    let start = (out.index * BUF + out.offset).min(BATCH * BUF);
+                    let len = out.len.min(BATCH * BUF - start);
+                    // SAFETY: start + len <= BATCH * BUF = bufs.len() (clamped above).
+                    let buf = unsafe { base.add(start) };
+                    self.iovs[v] = libc::iovec { iov_base: buf.cast(), iov_len: len };
                     v += 1;
                 }
                 let h = &mut self.hdrs[m].msg_hdr;
-                // SAFETY: first_iov < v <= 2 * BATCH = iovs.len().
+                // SAFETY: first_iov < v <= 2 * outs.len() <= MAX_IOVS = iovs.len().
                 h.msg_iov = unsafe { iovs.add(first_iov) };
                 h.msg_iovlen = (v - first_iov) as _;
                 h.msg_flags = 0;
@@ -356,9 +378,11 @@ fn to_storage(addr: SocketAddr, s: &mut libc::sockaddr_storage) -> usize {
     }
 }
 
-/// The destination address of a received datagram, from its control messages.
-fn pktinfo(h: &libc::msghdr) -> Option<PktInfo> {
+/// The destination address of a received datagram and its GRO segment
+/// size, from its control messages.
+fn parse_cmsgs(h: &libc::msghdr) -> (Option<PktInfo>, Option<usize>) {
     let mut found = None;
+    let mut gro = None;
     // SAFETY: `h` was filled by recvmmsg; msg_control/msg_controllen describe
     // a buffer of this batch; the CMSG_* macros stay inside it.
     unsafe {
@@ -376,12 +400,26 @@ fn pktinfo(h: &libc::msghdr) -> Option<PktInfo> {
                     let pi = ptr::read_unaligned(data.cast::<libc::in6_pktinfo>());
                     found = Some(PktInfo::V6(Ipv6Addr::from(pi.ipi6_addr.s6_addr), pi.ipi6_ifindex));
                 }
+                (libc::SOL_UDP, UDP_GRO) if len >= mem::size_of::<libc::c_int>() => {
+                    gro = usize::try_from(ptr::read_unaligned(data.cast::<libc::c_int>())).ok();
+                }
                 _ => {}
             }
             c = libc::CMSG_NXTHDR(h, c);
         }
     }
-    found
+    (found, gro)
+}
+
+/// Asks the kernel to hand over runs of one flow's datagrams as one buffer
+/// (UDP_GRO); false if it cannot (before Linux 5.0).
+pub fn enable_gro(fd: BorrowedFd<'_>) -> bool {
+    let on: libc::c_int = 1;
+    let raw = fd.as_raw_fd();
+    let len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `on` is a live c_int and `len` is its size.
+    let r = unsafe { libc::setsockopt(raw, libc::SOL_UDP, UDP_GRO, (&on as *const libc::c_int).cast(), len) };
+    r == 0
 }
 
 /// Writes the control messages of one send: IP_PKTINFO / IPV6_PKTINFO
@@ -491,6 +529,17 @@ mod tests {
     }
 
     #[test]
+    fn gro_buffers_split_into_their_datagrams() {
+        let meta = |len, segment| Meta { len, truncated: false, source: None, dst: None, segment };
+        let d: Vec<_> = meta(2500, 1000).datagrams().collect();
+        assert_eq!(d, [(0, 1000), (1000, 1000), (2000, 500)]);
+        let d: Vec<_> = meta(3000, 1000).datagrams().collect();
+        assert_eq!(d, [(0, 1000), (1000, 1000), (2000, 1000)]);
+        assert_eq!(meta(64, 64).datagrams().collect::<Vec<_>>(), [(0, 64)]);
+        assert_eq!(meta(0, 0).datagrams().collect::<Vec<_>>(), [(0, 0)], "an empty datagram is one datagram");
+    }
+
+    #[test]
     fn cmsgs_fit_and_are_well_formed() {
         let mut c = Ctrl([0; CTRL]);
         let from = PktInfo::V6(Ipv6Addr::LOCALHOST, 1);
@@ -499,7 +548,7 @@ mod tests {
         let mut h: libc::msghdr = zeroed();
         h.msg_control = c.0.as_mut_ptr().cast();
         h.msg_controllen = len as _;
-        assert_eq!(pktinfo(&h), Some(from));
+        assert_eq!(parse_cmsgs(&h).0, Some(from));
         // The second message is UDP_SEGMENT = 1400.
         // CMSG_SPACE(20) on 64-bit Linux: a 16-byte header, 20 bytes, padding to 8.
         let second = &c.0[40..];

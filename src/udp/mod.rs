@@ -101,6 +101,9 @@ impl UdpRelay {
         sock.set_nonblocking(true)?;
         let addr = sock.local_addr()?;
         crate::sys::enable_pktinfo(sock.as_fd(), addr.is_ipv6())?;
+        if self.settings.gso && !crate::sys::mmsg::enable_gro(sock.as_fd()) {
+            log::debug!("udp {addr}: no UDP_GRO on this kernel");
+        }
         if self.settings.rcvbuf > 0 {
             match crate::sys::set_rcvbuf(sock.as_fd(), self.settings.rcvbuf) {
                 Ok(got) if got < self.settings.rcvbuf => log::info!(
@@ -190,17 +193,20 @@ impl UdpRelay {
                         match open_flow(&mut self.flows, &mut self.table, idx, l, client, meta.dst, ctx) {
                             Some(f) => f,
                             None => {
-                                l.stats.dropped += 1;
+                                l.stats.dropped += meta.datagrams().count() as u64;
                                 continue;
                             }
                         }
                     }
                 };
                 let l = &mut self.listeners[idx];
-                l.stats.datagrams_up += 1;
                 l.stats.bytes_up += meta.len as u64;
-                queue.flows.push(flow);
-                queue.outs.push(Out { index: i, to: None, from: None });
+                // A GRO buffer is several datagrams: each goes on alone.
+                for (offset, len) in meta.datagrams() {
+                    l.stats.datagrams_up += 1;
+                    queue.flows.push(flow);
+                    queue.outs.push(Out { index: i, offset, len, to: None, from: None });
+                }
             }
             if !self.sweeping && !self.table.is_empty() {
                 self.sweeping = true;
@@ -247,14 +253,21 @@ impl UdpRelay {
             self.table.touch(&(idx, flow.client), ctx.now);
             let outs = &mut self.queue.outs;
             outs.clear();
-            outs.extend((0..n).filter(|&i| !batch.meta[i].truncated).map(|i| Out {
-                index: i,
-                to: Some(flow.client),
-                from: flow.reply_from,
-            }));
             let l = &mut self.listeners[idx];
-            l.stats.dropped += (n - outs.len()) as u64;
-            let bytes: usize = outs.iter().map(|o| batch.meta[o.index].len).sum();
+            for (i, meta) in batch.meta.iter().enumerate() {
+                if meta.truncated {
+                    l.stats.dropped += 1;
+                    continue;
+                }
+                outs.extend(meta.datagrams().map(|(offset, len)| Out {
+                    index: i,
+                    offset,
+                    len,
+                    to: Some(flow.client),
+                    from: flow.reply_from,
+                }));
+            }
+            let bytes: usize = outs.iter().map(|o| o.len).sum();
             let sent = match l.sock.as_ref() {
                 Some(sock) => send_all(batch, sock.as_fd(), outs, &[], &mut l.gso),
                 None => 0,
@@ -365,6 +378,9 @@ fn open_flow(
             return None;
         }
     };
+    if l.flow_gso != Gso::OFF {
+        crate::sys::mmsg::enable_gro(fd.as_fd());
+    }
     let mut sock = UdpSocket::from_std(std::net::UdpSocket::from(fd));
     let key = flows.vacant_key();
     if let Err(e) = ctx.registry.register(&mut sock, token(Kind::UdpFlow, key), Interest::READABLE) {
