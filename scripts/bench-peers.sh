@@ -551,13 +551,23 @@ case_dockeridle() {
     for n in 1 10; do
       name="docker mode, $n idle"
       for _ in $(seq "$REPEAT"); do
-        MANY_PIDFILE="$TMPD/many.pids"
-        : >"$MANY_PIDFILE"
-        local st m mp
-        st=$(python3 "$HELPER" startmany "$MANY_PIDFILE" "$lo-$((lo + n - 1))" "$off" 30 -- "${TS_RELAY[@]}" "$bin" \
-          -proto tcp -host-ip ::1 -host-port '{L}' -container-ip 127.0.0.1 -container-port '{T}')
+        # Started from this shell, which outlives them: splice-relay sets
+        # PR_SET_PDEATHSIG (as dockerd does for docker-proxy), so a parent that
+        # exits at once would take it along.
+        local i m mp=() st=ready
+        for i in $(seq 0 $((n - 1))); do
+          : >"$TMPD/fd3.$i"
+          "${TS_RELAY[@]}" "$bin" -proto tcp -host-ip ::1 -host-port $((lo + i)) -container-ip 127.0.0.1 \
+            -container-port $((lo + off + i)) 3>"$TMPD/fd3.$i" </dev/null >/dev/null 2>>"$TMPD/dockeridle.log" &
+          mp+=("$!"); PIDS+=("$!")
+        done
+        for i in $(seq 0 $((n - 1))); do
+          local t=0
+          while [ "$(head -c1 "$TMPD/fd3.$i" 2>/dev/null)" != 0 ] && [ $t -lt 100 ]; do sleep 0.1; t=$((t + 1)); done
+          [ $t -lt 100 ] || st="not ready: $(cat "$TMPD/fd3.$i")"
+        done
         sleep 1
-        mapfile -t mp <"$MANY_PIDFILE"; m=$(python3 "$HELPER" memtree "${mp[@]}")
+        m=$(python3 "$HELPER" memtree "${mp[@]}")
         log "$name $peer: ($st) $m"
         python3 - "$m" "$n" <<'EOF' | while IFS=$'\t' read -r k v; do record "$name" "$peer" "$k" "$v"; done
 import sys
@@ -574,7 +584,6 @@ EOF
       done
     done
   done
-  MANY_PIDFILE=""
 }
 
 # ---------------------------------------------------------------- main

@@ -275,12 +275,11 @@ fn ipv4_wildcard_listener_answers_from_127_0_0_2() {
 }
 
 /// One client socket (one source address and port) talking to two local
-/// addresses of the relay: each reply should come from the address that
-/// datagram was sent to. Flows are keyed by client address only and keep the
-/// first datagram's destination, so the second address gets replies from the
-/// first. docker-proxy (Go, 28+) keys its flows the same way.
+/// addresses of a wildcard listener: each reply comes from the address that
+/// datagram was sent to, because a flow is keyed by the client and the local
+/// address together (docker-proxy keys by client only and answers the second
+/// address from the first).
 #[test]
-#[ignore = "known limitation: a flow answers from the first destination address only (as docker-proxy does)"]
 fn one_client_socket_to_two_local_addresses() {
     if UdpSocket::bind("127.0.0.2:0").is_err() {
         eprintln!("127.0.0.2 not usable here; skipped");

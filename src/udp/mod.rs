@@ -5,7 +5,7 @@
 pub mod flow_table;
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::time::Duration;
 
@@ -51,6 +51,10 @@ pub struct UdpListener {
     pub stats: UdpStats,
 }
 
+/// What a flow is known by: the listener, the client, and the local address
+/// the client sent to (a wildcard listener answers each address from itself).
+type FlowKey = (usize, SocketAddr, Option<IpAddr>);
+
 /// One client's flow: a socket connected to the backend.
 struct Flow {
     sock: UdpSocket,
@@ -62,12 +66,18 @@ struct Flow {
     gso: Gso,
 }
 
+impl Flow {
+    fn key(&self) -> FlowKey {
+        (self.listener, self.client, self.reply_from.map(|d| d.ip()))
+    }
+}
+
 /// All UDP listeners and flows of the process.
 pub struct UdpRelay {
     /// The listeners, indexed by their token.
     pub listeners: Vec<UdpListener>,
     flows: Slab<Flow>,
-    table: FlowTable<(usize, SocketAddr), usize>,
+    table: FlowTable<FlowKey, usize>,
     batch: Option<Box<Batch>>,
     settings: UdpSettings,
     sweeping: bool,
@@ -181,7 +191,7 @@ impl UdpRelay {
                     log::debug!("udp {client}: datagram larger than the buffer dropped");
                     continue;
                 }
-                let key = (idx, client);
+                let key = (idx, client, meta.dst.map(|d| d.ip()));
                 let flow = match self.table.get(&key, ctx.now) {
                     Some(f) => f,
                     None => {
@@ -250,7 +260,7 @@ impl UdpRelay {
                     continue;
                 }
             };
-            self.table.touch(&(idx, flow.client), ctx.now);
+            self.table.touch(&flow.key(), ctx.now);
             let outs = &mut self.queue.outs;
             outs.clear();
             let l = &mut self.listeners[idx];
@@ -305,7 +315,7 @@ impl UdpRelay {
     /// Closes idle flows; also the turn for sockets left readable by bounded work.
     pub fn sweep(&mut self, ctx: &mut Ctx<'_>) {
         let flows = &mut self.flows;
-        self.table.expire(ctx.now, |(_, client), key| {
+        self.table.expire(ctx.now, |(_, client, _), key| {
             log::debug!("udp flow {client}: idle; closed");
             flows.remove(key);
         });
@@ -359,7 +369,7 @@ fn flush(batch: &mut Batch, flows: &mut Slab<Flow>, listeners: &mut [UdpListener
 /// Creates a flow: a socket connected to the backend, registered for replies.
 fn open_flow(
     flows: &mut Slab<Flow>,
-    table: &mut FlowTable<(usize, SocketAddr), usize>,
+    table: &mut FlowTable<FlowKey, usize>,
     idx: usize,
     l: &mut UdpListener,
     client: SocketAddr,
@@ -390,7 +400,7 @@ fn open_flow(
     flows.insert(Flow { sock, listener: idx, client, reply_from, gso: l.flow_gso });
     l.stats.flows_total += 1;
     log::debug!("udp flow {} -> {} -> {} opened", unmap(client), l.addr, l.target);
-    if let Some((_, old)) = table.insert((idx, client), key, ctx.now) {
+    if let Some((_, old)) = table.insert((idx, client, reply_from.map(|d| d.ip())), key, ctx.now) {
         flows.remove(old);
     }
     Some(key)
