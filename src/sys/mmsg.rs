@@ -237,24 +237,21 @@ impl Batch {
     }
 
     /// Sends the datagrams `outs` (payloads from the receive buffers), each
-    /// optionally preceded by `prefix` (a PROXY header), in one sendmmsg.
+    /// each preceded by `prefix` when it is not empty (a flow's PROXY
+    /// header), in one sendmmsg.
     /// Runs of equal-size datagrams to one destination go as one UDP GSO
     /// message each while `gso` allows (the receiver still gets separate
     /// datagrams); a refused GSO send narrows `gso` and is tried again
     /// without it. Returns how many datagrams the kernel took; the rest
     /// would block.
-    pub fn send(
-        &mut self,
-        fd: BorrowedFd<'_>,
-        outs: &[Out],
-        prefix: &[(usize, [u8; 64])],
-        gso: &mut Gso,
-    ) -> io::Result<usize> {
+    pub fn send(&mut self, fd: BorrowedFd<'_>, outs: &[Out], prefix: &[u8], gso: &mut Gso) -> io::Result<usize> {
+        if outs.is_empty() {
+            return Ok(0);
+        }
         // Each datagram takes at most two iovecs.
         let outs = &outs[..outs.len().min(MAX_IOVS / 2)];
-        let plen = |k: usize| prefix.get(k).map_or(0, |(l, _)| *l);
         self.sizes.clear();
-        self.sizes.extend(outs.iter().enumerate().map(|(k, o)| plen(k) + o.len));
+        self.sizes.extend(outs.iter().map(|o| prefix.len() + o.len));
         loop {
             let same = |j: usize| outs[j].to == outs[j - 1].to && outs[j].from == outs[j - 1].from;
             plan_messages(&self.sizes, same, *gso, BATCH, &mut self.plan);
@@ -263,10 +260,10 @@ impl Batch {
             let (mut k, mut v) = (0, 0);
             for (m, &segments) in self.plan.iter().enumerate() {
                 let first_iov = v;
-                for (j, out) in outs.iter().enumerate().skip(k).take(segments) {
-                    if plen(j) > 0 {
-                        let p = &prefix[j].1;
-                        self.iovs[v] = libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: plen(j) };
+                for out in outs.iter().skip(k).take(segments) {
+                    if !prefix.is_empty() {
+                        let p = prefix.as_ptr() as *mut libc::c_void;
+                        self.iovs[v] = libc::iovec { iov_base: p, iov_len: prefix.len() };
                         v += 1;
                     }
                     debug_assert!(out.index < BATCH && out.offset + out.len <= BUF);

@@ -356,8 +356,9 @@ fn flush(batch: &mut Batch, flows: &mut Slab<Flow>, listeners: &mut [UdpListener
         let run = &queue.outs[start..end];
         if let Some(flow) = flows.get_mut(flow_key) {
             let l = &listeners[idx];
-            let prefixes = l.send_proxy.map(|v| vec![proxy_prefix(v, flow, l.addr); run.len()]);
-            let sent = send_all(batch, flow.sock.as_fd(), run, prefixes.as_deref().unwrap_or(&[]), &mut flow.gso);
+            // One PROXY header per flow, in front of each of its datagrams.
+            let (plen, prefix) = l.send_proxy.map_or((0, [0; 64]), |v| proxy_prefix(v, flow, l.addr));
+            let sent = send_all(batch, flow.sock.as_fd(), run, &prefix[..plen], &mut flow.gso);
             listeners[idx].stats.dropped += (run.len() - sent) as u64;
         }
         start = end;
@@ -417,17 +418,10 @@ fn proxy_prefix(v: Version, flow: &Flow, listen: SocketAddr) -> (usize, [u8; 64]
 }
 
 /// Sends every datagram of `outs` it can; returns how many went out.
-fn send_all(
-    batch: &mut Batch,
-    fd: std::os::fd::BorrowedFd<'_>,
-    outs: &[Out],
-    prefix: &[(usize, [u8; 64])],
-    gso: &mut Gso,
-) -> usize {
+fn send_all(batch: &mut Batch, fd: std::os::fd::BorrowedFd<'_>, outs: &[Out], prefix: &[u8], gso: &mut Gso) -> usize {
     let mut sent = 0;
     while sent < outs.len() {
-        let pre = prefix.get(sent..).unwrap_or(&[]);
-        match batch.send(fd, &outs[sent..], pre, gso) {
+        match batch.send(fd, &outs[sent..], prefix, gso) {
             Ok(0) => break,
             Ok(n) => sent += n,
             Err(e) => {
