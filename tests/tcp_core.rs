@@ -404,3 +404,28 @@ fn quarter_gib_each_way_at_once_arrives_intact() {
     assert_eq!(r.read(&mut buf).unwrap(), 0, "EOF after exactly 256 MiB");
     writer.join().unwrap();
 }
+
+/// 100 clients wait in the backlog while the relay is stopped; when it goes
+/// on it accepts them 32 at a time (giving open connections a turn between
+/// slices) and must not lose the rest: no new edge comes for clients that
+/// were already queued. Each one then gets its echo.
+#[test]
+fn a_backlog_larger_than_one_accept_slice_is_served_whole() {
+    const N: usize = 100;
+    let backend = echo_server("127.0.0.1:0");
+    let p = free_port();
+    let r = Relay::start(&[&format!("127.0.0.1:{p}={backend}")]);
+    let addr = format!("127.0.0.1:{p}");
+    r.signal(19); // SIGSTOP
+    let mut conns: Vec<TcpStream> = (0..N).map(|_| connect(&addr)).collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.write_all(&pattern(i as u64, 1000)).unwrap();
+    }
+    r.signal(18); // SIGCONT
+    for (i, c) in conns.iter_mut().enumerate() {
+        let mut got = vec![0u8; 1000];
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.read_exact(&mut got).unwrap_or_else(|e| panic!("client {i}: {e}\n{}", r.log()));
+        assert!(got == pattern(i as u64, 1000), "client {i}: bytes differ");
+    }
+}

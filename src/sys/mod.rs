@@ -45,9 +45,10 @@ pub fn splice_unsupported(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EBADF))
 }
 
-/// EMFILE or ENFILE: the process or the system is out of file descriptors.
-pub fn out_of_fds(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+/// EMFILE or ENFILE (the process or the system is out of file descriptors),
+/// or ENOBUFS/ENOMEM (out of socket memory): resting helps, retrying at once does not.
+pub fn out_of_resources(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
 
 /// A non-blocking, close-on-exec pipe (DATAPATH rule 1): (read end, write end).

@@ -26,7 +26,11 @@ use pipe_pool::PipePool;
 
 /// Bytes one connection may read per wake-up before others get a turn.
 const BUDGET: usize = 4 << 20;
-/// How long a listener rests after EMFILE/ENFILE before it accepts again.
+/// Connections one listener accepts per wake-up before the open connections
+/// get a turn (HAProxy's maxaccept): a burst of new clients is taken in
+/// slices, so established transfers keep moving meanwhile.
+const MAX_ACCEPT: usize = 32;
+/// How long a listener rests after EMFILE/ENFILE/ENOBUFS/ENOMEM before it accepts again.
 const FD_PAUSE: Duration = Duration::from_millis(100);
 /// The longest PROXY header accepted from a client.
 const MAX_HEADER_IN: usize = 1024;
@@ -74,6 +78,8 @@ pub struct TcpRelay {
     pub pool: PipePool,
     settings: TcpSettings,
     ready: Vec<(usize, u64)>,
+    /// Listeners left readable after MAX_ACCEPT accepts.
+    accept_later: Vec<usize>,
     per_source: HashMap<IpAddr, u32>,
     next_id: u64,
     blocked: bool,
@@ -88,6 +94,7 @@ impl TcpRelay {
             pool: PipePool::new(settings.pipe_size, settings.pipe_spare),
             settings,
             ready: Vec::new(),
+            accept_later: Vec::new(),
             per_source: HashMap::new(),
             next_id: 0,
             blocked: false,
@@ -125,9 +132,10 @@ impl TcpRelay {
         self.conns.len()
     }
 
-    /// True if some connection has work left from an exhausted budget.
+    /// True if some connection has work left from an exhausted budget, or
+    /// some listener has clients left in its backlog.
     pub fn has_ready(&self) -> bool {
-        !self.ready.is_empty()
+        !self.ready.is_empty() || !self.accept_later.is_empty()
     }
 
     /// Closes every listener (drain on SIGTERM): new clients are refused.
@@ -157,9 +165,10 @@ impl TcpRelay {
         self.settings.max_connections != 0 && self.conns.len() >= self.settings.max_connections
     }
 
-    /// Accepts until the backlog is empty, the limit is reached, or fds run out.
+    /// Accepts until the backlog is empty, the limit is reached, or fds run
+    /// out; after MAX_ACCEPT, the rest waits for the next turn.
     fn accept(&mut self, idx: usize, ctx: &mut Ctx<'_>) {
-        loop {
+        for _ in 0..MAX_ACCEPT {
             if self.at_limit() {
                 // Leave clients in the backlog, as HAProxy does at maxconn.
                 self.blocked = true;
@@ -176,7 +185,7 @@ impl TcpRelay {
                     l.readable = false;
                     return;
                 }
-                Err(e) if crate::sys::out_of_fds(&e) => {
+                Err(e) if crate::sys::out_of_resources(&e) => {
                     // Never spin, never exit (rule 11): rest, then retry.
                     log::warn!("accept on {}: {e}; pausing this listener for {FD_PAUSE:?}", l.addr);
                     l.paused = true;
@@ -186,6 +195,10 @@ impl TcpRelay {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => log::debug!("accept on {}: {e}", l.addr),
             }
+        }
+        // Still readable: mio will not say so again (rule 4).
+        if !self.accept_later.contains(&idx) {
+            self.accept_later.push(idx);
         }
     }
 
@@ -220,7 +233,7 @@ impl TcpRelay {
                 log::warn!("{peer} -> {}: cannot connect: {e}", l.target);
                 l.stats.failed += 1;
                 crate::sys::set_linger_zero(std::os::fd::AsFd::as_fd(&client));
-                if crate::sys::out_of_fds(&e) && !l.paused {
+                if crate::sys::out_of_resources(&e) && !l.paused {
                     // Out of fds: rest like an accept EMFILE rather than reset every client.
                     l.paused = true;
                     ctx.timers.add(ctx.now + FD_PAUSE, Timer::Listener(idx));
@@ -269,8 +282,12 @@ impl TcpRelay {
         self.advance(key, ctx);
     }
 
-    /// Runs connections whose budget ran out last time.
+    /// Runs connections whose budget ran out last time, and listeners with
+    /// clients left in their backlog.
     pub fn run_ready(&mut self, ctx: &mut Ctx<'_>) {
+        for idx in std::mem::take(&mut self.accept_later) {
+            self.accept(idx, ctx);
+        }
         let ready = std::mem::take(&mut self.ready);
         for (key, id) in ready {
             if self.conns.get(key).is_some_and(|c| c.id == id) {
