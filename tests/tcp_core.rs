@@ -429,3 +429,44 @@ fn a_backlog_larger_than_one_accept_slice_is_served_whole() {
         assert!(got == pattern(i as u64, 1000), "client {i}: bytes differ");
     }
 }
+
+/// Small writes cross the relay at once both ways (TCP_NODELAY on both of
+/// its sockets, DATAPATH rule 10): a ping-pong of 1-byte messages where each
+/// side writes twice before it reads. With Nagle on either relay socket the
+/// second write waits for the peer's delayed ACK (40 ms or more) each round.
+/// The test's own sockets have TCP_NODELAY too.
+#[test]
+fn small_writes_are_not_held_back_by_nagle() {
+    const ROUNDS: usize = 20;
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = l.local_addr().unwrap();
+    thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut b = [0u8; 2];
+        for _ in 0..ROUNDS {
+            if s.read_exact(&mut b).is_err() {
+                return;
+            }
+            let _ = s.write_all(b"a");
+            thread::sleep(Duration::from_millis(2));
+            let _ = s.write_all(b"b");
+        }
+    });
+    let p = free_port();
+    let r = Relay::start(&[&format!("127.0.0.1:{p}={backend}")]);
+    let mut c = connect(&format!("127.0.0.1:{p}"));
+    c.set_nodelay(true).unwrap();
+    let t = Instant::now();
+    let mut b = [0u8; 2];
+    for i in 0..ROUNDS {
+        c.write_all(b"x").unwrap();
+        thread::sleep(Duration::from_millis(2));
+        c.write_all(b"y").unwrap();
+        c.read_exact(&mut b).unwrap_or_else(|e| panic!("round {i}: {e}\n{}", r.log()));
+        assert_eq!(&b, b"ab");
+    }
+    let took = t.elapsed();
+    // Without Nagle about 20 x 4 ms; with it, 20 x 40 ms or more.
+    assert!(took < Duration::from_millis(500), "{ROUNDS} rounds took {took:?}: small writes were held back");
+}

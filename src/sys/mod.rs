@@ -75,6 +75,11 @@ pub fn pipe_size(fd: BorrowedFd<'_>) -> io::Result<usize> {
     fcntl(fd, FcntlArg::F_GETPIPE_SZ).map(|n| n as usize).map_err(io::Error::from)
 }
 
+/// Sets TCP_NODELAY. On a listening socket, every accepted socket inherits it.
+pub fn set_nodelay(fd: BorrowedFd<'_>) -> io::Result<()> {
+    sock::setsockopt(&fd, sockopt::TcpNoDelay, &true).map_err(io::Error::from)
+}
+
 /// Makes the socket send a reset instead of a FIN when it is closed.
 pub fn set_linger_zero(fd: BorrowedFd<'_>) {
     let linger = libc::linger { l_onoff: 1, l_linger: 0 };

@@ -65,6 +65,8 @@ pub struct Listener {
     accept_proxy: bool,
     readable: bool,
     paused: bool,
+    /// Accepted sockets come with TCP_NODELAY already set.
+    nodelay_inherited: bool,
     /// Counters for this listener.
     pub stats: TcpStats,
 }
@@ -112,6 +114,8 @@ impl TcpRelay {
     ) -> io::Result<()> {
         sock.set_nonblocking(true)?;
         let addr = sock.local_addr()?;
+        // Accepted sockets inherit TCP_NODELAY: one setsockopt per listener, not per client.
+        let nodelay_inherited = crate::sys::set_nodelay(std::os::fd::AsFd::as_fd(&sock)).is_ok();
         let mut sock = TcpListener::from_std(sock);
         registry.register(&mut sock, token(Kind::Listener, self.listeners.len()), Interest::READABLE)?;
         self.listeners.push(Listener {
@@ -122,6 +126,7 @@ impl TcpRelay {
             accept_proxy,
             readable: true,
             paused: false,
+            nodelay_inherited,
             stats: TcpStats::default(),
         });
         Ok(())
@@ -226,7 +231,9 @@ impl TcpRelay {
             None => l.addr,
         };
         // TCP_NODELAY on both sockets (rule 10); SPLICE_F_MORE is never used.
-        let _ = client.set_nodelay(true);
+        if !l.nodelay_inherited {
+            let _ = client.set_nodelay(true);
+        }
         let backend = match TcpStream::connect(l.target) {
             Ok(b) => b,
             Err(e) => {
