@@ -75,7 +75,8 @@ pub struct Args {
     /// UDP flows at most (the least recently used is evicted when full).
     #[arg(long, value_name = "N", default_value_t = 4096)]
     pub udp_max_flows: usize,
-    /// Send each datagram on its own, never joined into UDP GSO messages.
+    /// No UDP offloads: receive datagrams one by one (no UDP_GRO) and send
+    /// each on its own (no UDP GSO).
     #[arg(long)]
     pub no_udp_gso: bool,
     /// Receive buffer of UDP listening sockets (SO_RCVBUFFORCE when allowed,

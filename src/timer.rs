@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 pub enum Timer {
     /// A TCP connection's next deadline (connect, idle, half-close); `id` guards slot reuse.
     Conn { key: usize, id: u64 },
-    /// A listener paused after EMFILE/ENFILE may accept again.
+    /// A listener paused after EMFILE/ENFILE/ENOBUFS/ENOMEM may accept again.
     Listener(usize),
     /// Idle UDP flows are expired.
     UdpSweep,

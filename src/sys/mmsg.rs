@@ -87,10 +87,6 @@ pub struct Out {
     pub from: Option<PktInfo>,
 }
 
-/// `UDP_SEGMENT` from linux/udp.h: the segment size of a GSO send (Linux 4.18+).
-const UDP_SEGMENT: libc::c_int = 103;
-/// `UDP_GRO` from linux/udp.h: receive runs of one flow's datagrams as one buffer (Linux 5.0+).
-const UDP_GRO: libc::c_int = 104;
 /// Iovecs one send call may use (two per datagram: prefix, payload).
 const MAX_IOVS: usize = 1024;
 /// The most segments one GSO send may carry (UDP_MAX_SEGMENTS in older kernels).
@@ -113,7 +109,7 @@ impl Default for Gso {
 }
 
 impl Gso {
-    /// GSO never used, for `--no-gso`.
+    /// GSO never used, for `--no-udp-gso`.
     pub const OFF: Gso = Gso { max_segment: 0 };
 
     /// Learns from an error on a GSO send of `segment`-byte datagrams.
@@ -397,7 +393,7 @@ fn parse_cmsgs(h: &libc::msghdr) -> (Option<PktInfo>, Option<usize>) {
                     let pi = ptr::read_unaligned(data.cast::<libc::in6_pktinfo>());
                     found = Some(PktInfo::V6(Ipv6Addr::from(pi.ipi6_addr.s6_addr), pi.ipi6_ifindex));
                 }
-                (libc::SOL_UDP, UDP_GRO) if len >= mem::size_of::<libc::c_int>() => {
+                (libc::SOL_UDP, libc::UDP_GRO) if len >= mem::size_of::<libc::c_int>() => {
                     gro = usize::try_from(ptr::read_unaligned(data.cast::<libc::c_int>())).ok();
                 }
                 _ => {}
@@ -409,14 +405,9 @@ fn parse_cmsgs(h: &libc::msghdr) -> (Option<PktInfo>, Option<usize>) {
 }
 
 /// Asks the kernel to hand over runs of one flow's datagrams as one buffer
-/// (UDP_GRO); false if it cannot (before Linux 5.0).
+/// (UDP_GRO, Linux 5.0+); false if it cannot.
 pub fn enable_gro(fd: BorrowedFd<'_>) -> bool {
-    let on: libc::c_int = 1;
-    let raw = fd.as_raw_fd();
-    let len = mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `on` is a live c_int and `len` is its size.
-    let r = unsafe { libc::setsockopt(raw, libc::SOL_UDP, UDP_GRO, (&on as *const libc::c_int).cast(), len) };
-    r == 0
+    nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::UdpGroSegment, &true).is_ok()
 }
 
 /// Writes the control messages of one send: IP_PKTINFO / IPV6_PKTINFO
@@ -436,7 +427,7 @@ fn put_cmsgs(ctrl: &mut Ctrl, from: Option<PktInfo>, segment: Option<usize>) -> 
         if let Some(seg) = segment {
             let c = base.add(len).cast::<libc::cmsghdr>();
             (*c).cmsg_level = libc::SOL_UDP;
-            (*c).cmsg_type = UDP_SEGMENT;
+            (*c).cmsg_type = libc::UDP_SEGMENT;
             (*c).cmsg_len = libc::CMSG_LEN(mem::size_of::<u16>() as u32) as _;
             ptr::write_unaligned(libc::CMSG_DATA(c).cast(), seg as u16);
             len += libc::CMSG_SPACE(mem::size_of::<u16>() as u32) as usize;
@@ -552,7 +543,7 @@ mod tests {
         let level = i32::from_ne_bytes(second[8..12].try_into().unwrap());
         let kind = i32::from_ne_bytes(second[12..16].try_into().unwrap());
         let seg = u16::from_ne_bytes(second[16..18].try_into().unwrap());
-        assert_eq!((level, kind, seg), (libc::SOL_UDP, UDP_SEGMENT, 1400));
+        assert_eq!((level, kind, seg), (libc::SOL_UDP, libc::UDP_SEGMENT, 1400));
         assert_eq!(put_cmsgs(&mut c, None, None), 0);
     }
 }

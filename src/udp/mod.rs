@@ -28,7 +28,8 @@ pub struct UdpSettings {
     pub timeout: Duration,
     /// At most this many flows at once (the least recently used is evicted).
     pub max_flows: usize,
-    /// Join runs of equal-size datagrams into UDP GSO sends.
+    /// UDP offloads: receive runs as one buffer (UDP_GRO) and send runs of
+    /// equal-size datagrams as one GSO message.
     pub gso: bool,
     /// Receive buffer asked for on listening sockets (0: the system default).
     pub rcvbuf: usize,
