@@ -216,57 +216,44 @@ def bulk(stop, rnd, wid):
             failed("bulk", t0, repr(e))
             time.sleep(0.05)
 
+def echo_once(kind, wid, data, hold=0.0):
+    """One connection: send `data`, shut the write side, stay half-closed for
+    `hold` seconds, read the echo to EOF, and count the outcome as `kind`."""
+    t0 = time.time()
+    try:
+        s = tcp_connect()
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            if hold:
+                time.sleep(hold)
+            got, buf = recv_all(s)
+        finally:
+            s.close()
+        if got == len(data) and bytes(buf) != data:
+            with lock:
+                CORRUPT.append(f"{kind} {wid}: bytes differ")
+        elif got != len(data):
+            failed(kind, t0, f"{got} of {len(data)} bytes back")
+        else:
+            add(f"{kind}_ok"); add("bytes_up", got); add("bytes_down", got)
+    except OSError as e:
+        failed(kind, t0, repr(e))
+        time.sleep(0.05)
+
 def short(stop, rnd, wid):
     for _ in range(1000000):
         if stop.is_set():
             return
-        data = rnd.randbytes(rnd.randint(1, 2000))
-        t0 = time.time()
-        try:
-            s = tcp_connect()
-            try:
-                s.sendall(data)
-                s.shutdown(socket.SHUT_WR)
-                got, buf = recv_all(s)
-            finally:
-                s.close()
-            if got == len(data) and bytes(buf) != data:
-                with lock:
-                    CORRUPT.append(f"short {wid}: bytes differ")
-            elif got != len(data):
-                failed("short", t0, f"{got} of {len(data)} bytes back")
-            else:
-                add("short_ok"); add("bytes_up", got); add("bytes_down", got)
-        except OSError as e:
-            failed("short", t0, repr(e))
-            time.sleep(0.05)
+        echo_once("short", wid, rnd.randbytes(rnd.randint(1, 2000)))
         time.sleep(0.02)
 
 def halfclose(stop, rnd, wid):
     for _ in range(1000000):
         if stop.is_set():
             return
-        data = rnd.randbytes(64 << 10)
-        t0 = time.time()
-        try:
-            s = tcp_connect()
-            try:
-                s.sendall(data)
-                s.shutdown(socket.SHUT_WR)
-                time.sleep(rnd.uniform(0.05, 0.3))   # half-closed for a while
-                got, buf = recv_all(s)
-            finally:
-                s.close()
-            if got == len(data) and bytes(buf) != data:
-                with lock:
-                    CORRUPT.append(f"halfclose {wid}: bytes differ")
-            elif got != len(data):
-                failed("halfclose", t0, f"{got} of {len(data)} bytes back")
-            else:
-                add("halfclose_ok"); add("bytes_up", got); add("bytes_down", got)
-        except OSError as e:
-            failed("halfclose", t0, repr(e))
-            time.sleep(0.05)
+        # Half-closed for a while before the echo is read.
+        echo_once("halfclose", wid, rnd.randbytes(64 << 10), rnd.uniform(0.05, 0.3))
 
 def resetter(stop, rnd, wid):
     for i in range(1000000):
