@@ -99,15 +99,18 @@ impl Connection {
         }
         if !self.flush_header().map_err(End::Abort)? {
             // Payload waits behind the header; backend->client may still flow.
-            let down = self.down.pump(&mut self.backend, &mut self.client, pool, budget).map_err(End::Abort)?;
+            let down = self.down.pump(&mut self.backend, &mut self.client, pool, budget, false).map_err(End::Abort)?;
             return Ok(down.more);
         }
-        let up = self.up.pump(&mut self.client, &mut self.backend, pool, budget).map_err(End::Abort)?;
-        let down = self.down.pump(&mut self.backend, &mut self.client, pool, budget).map_err(End::Abort)?;
+        // The direction that finishes second leaves its FIN to the close.
+        let shut = |d: &Direction| d.state() == DirState::WriteShut;
+        let last = shut(&self.down);
+        let up = self.up.pump(&mut self.client, &mut self.backend, pool, budget, last).map_err(End::Abort)?;
+        let last = shut(&self.up);
+        let down = self.down.pump(&mut self.backend, &mut self.client, pool, budget, last).map_err(End::Abort)?;
         if up.moved + down.moved > 0 {
             self.last_active = now;
         }
-        let shut = |d: &Direction| d.state() == DirState::WriteShut;
         match (shut(&self.up), shut(&self.down)) {
             (true, true) => return Err(End::Done),
             (true, false) | (false, true) if self.half_closed_at.is_none() => self.half_closed_at = Some(now),
@@ -134,9 +137,14 @@ impl Connection {
         Ok(false)
     }
 
-    /// Checks a pending connect after a writable (or error) edge: an edge
-    /// with no socket error means the connect completed.
+    /// Checks a pending connect after a writable (or error) edge. A
+    /// writable edge with no error or hang-up means the connect completed
+    /// (a socket in SYN_SENT never polls writable), so SO_ERROR is read only
+    /// after an error or hang-up edge: one syscall fewer per connection.
     pub fn check_connected(&mut self) -> io::Result<()> {
+        if !self.backend.faulted {
+            return Ok(());
+        }
         match self.backend.sock.take_error()? {
             Some(e) => Err(e),
             None => Ok(()),

@@ -26,12 +26,14 @@ pub struct Side {
     pub readable: bool,
     /// The send buffer may have room.
     pub writable: bool,
+    /// An error or hang-up edge was seen: a pending connect may have failed.
+    pub faulted: bool,
 }
 
 impl Side {
     /// A side with no readiness seen yet.
     pub fn new(sock: TcpStream) -> Self {
-        Side { sock, readable: false, writable: false }
+        Side { sock, readable: false, writable: false, faulted: false }
     }
 }
 
@@ -100,7 +102,20 @@ impl Direction {
 
     /// Moves bytes from `src` to `dst` until both would block or `budget`
     /// bytes have been read. Errors are the connection's: the caller aborts it.
-    pub fn pump(&mut self, src: &mut Side, dst: &mut Side, pool: &mut PipePool, budget: usize) -> io::Result<Pumped> {
+    ///
+    /// `last`: the other direction has already forwarded its EOF, so the
+    /// connection is closed as soon as this one finishes. Its FIN then
+    /// comes from `close` (both sockets were read to EOF, so neither holds
+    /// unread bytes that would turn the close into a reset), and the
+    /// `shutdown` call is skipped.
+    pub fn pump(
+        &mut self,
+        src: &mut Side,
+        dst: &mut Side,
+        pool: &mut PipePool,
+        budget: usize,
+        last: bool,
+    ) -> io::Result<Pumped> {
         let mut out = Pumped { moved: 0, more: false, changed: false };
         let mut read = 0usize;
         loop {
@@ -121,7 +136,7 @@ impl Direction {
             }
             // FIN only once the pipe is empty (rule 6).
             if self.state == DirState::ReadEof && self.pending == 0 {
-                match dst.sock.shutdown(Shutdown::Write) {
+                match if last { Ok(()) } else { dst.sock.shutdown(Shutdown::Write) } {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
                     Err(e) => return Err(e),

@@ -286,6 +286,9 @@ impl TcpRelay {
         if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
             side.writable = true;
         }
+        if ev.is_error() || ev.is_write_closed() || ev.is_read_closed() {
+            side.faulted = true;
+        }
         self.advance(key, ctx);
     }
 
