@@ -281,6 +281,13 @@ relay_cpu() {
   elif [ -n "$CG" ]; then awk '{printf "%.4f\n", $1 / 1e9}' "$CG/cpuacct.usage"
   else python3 "$HELPER" cputree "$PEER_PID"; fi
 }
+# The user-space part of it, in seconds (cgroup only: cpuacct.stat's USER_HZ ticks).
+relay_user() {
+  if [ -n "$PEER_PID" ] && [ -n "$CG" ]; then awk '$1 == "user" {printf "%.2f\n", $2 / 100}' "$CG/cpuacct.stat"
+  else echo 0; fi
+}
+# "N %": the user-space share of a CPU interval (c0 c1 u0 u1).
+user_share() { awk -v c="$(fsub "$2" "$1")" -v u="$(fsub "$4" "$3")" 'BEGIN { printf "%.0f %%", (c > 0 ? 100 * u / c : 0) }'; }
 fsub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.4f", a - b }'; }
 fcalc() { awk "BEGIN { printf \"%.4f\", $1 }"; }
 # client address for a peer: the relay's [::1]:L, or the backend itself for direct
@@ -311,11 +318,11 @@ case_iperf() {
         for _ in $(seq "$REPEAT"); do
           if ! peer_ok_for "$peer" tcp || ! peer_alive; then record "$name" "$peer" "Gbit/s" "exits"; break; fi
           kill -0 "$srv" 2>/dev/null || { log "iperf3 server died"; return 1; }
-          local c0 c1 out="$TMPD/iperf.json"
-          c0=$(relay_cpu)
+          local c0 c1 u0 u1 out="$TMPD/iperf.json"
+          c0=$(relay_cpu) u0=$(relay_user)
           timeout $((IPERF_SECS + 30)) "${TS_LOAD[@]}" iperf3 -c "$(client_host "$peer")" -p "$(client_port "$peer" "$l" "$t")" \
             -t "$IPERF_SECS" -P "$p" $dir -J --connect-timeout 5000 >"$out" 2>>"$TMPD/iperf-client.log" || true
-          c1=$(relay_cpu)
+          c1=$(relay_cpu) u1=$(relay_user)
           read -r gbps bytes < <(python3 "$HELPER" iperf "$out" 2>/dev/null || echo "0 0")
           if [ "${bytes:-0}" = 0 ]; then
             record "$name" "$peer" "Gbit/s" "fails"
@@ -324,7 +331,7 @@ case_iperf() {
           fi
           record "$name" "$peer" "Gbit/s" "$gbps"
           if [ "$peer" != direct ]; then record "$name" "$peer" "relay CPU s/GB" "$(fcalc "($c1 - $c0) / ($bytes / 1e9)")"; fi
-          log "$name $peer: $gbps Gbit/s, relay CPU $(fsub "$c1" "$c0") s"
+          log "$name $peer: $gbps Gbit/s, relay CPU $(fsub "$c1" "$c0") s ($(user_share "$c0" "$c1" "$u0" "$u1") in user space)"
         done
       done
     done
@@ -379,13 +386,13 @@ case_wrk() {
     url="http://$host:$(client_port "$peer" "$l" "$t")/small.html"
     for mode in close keepalive; do
       for _ in $(seq "$REPEAT"); do
-        local name hdr=() c0 c1 out="$TMPD/wrk.txt"
+        local name hdr=() c0 c1 u0 u1 out="$TMPD/wrk.txt"
         if [ $mode = close ]; then name="wrk Connection: close"; hdr=(-H 'Connection: close'); else name="wrk keep-alive"; fi
         if ! peer_alive; then record "$name" "$peer" "req/s" "exits"; break; fi
-        c0=$(relay_cpu)
+        c0=$(relay_cpu) u0=$(relay_user)
         timeout $((WRK_SECS + 30)) "${TS_LOAD[@]}" wrk -t1 -c50 -d"${WRK_SECS}s" --timeout 5s --latency "${hdr[@]}" "$url" \
           >"$out" 2>&1 || true
-        c1=$(relay_cpu)
+        c1=$(relay_cpu) u1=$(relay_user)
         read -r rps reqs p50 p99 errs < <(python3 "$HELPER" wrk "$out")
         if [ "${reqs:-0}" = 0 ]; then record "$name" "$peer" "req/s" "fails"; log "$name $peer: failed"; continue; fi
         if [ $mode = close ]; then
@@ -399,7 +406,7 @@ case_wrk() {
           if [ "$peer" != direct ]; then record "$name" "$peer" "relay CPU ms/1000 req" "$(fcalc "($c1 - $c0) * 1000 / ($reqs / 1000)")"; fi
         fi
         record "$name" "$peer" "errors" "$errs"
-        log "$name $peer: $rps/s p50 ${p50}ms p99 ${p99}ms errors $errs relay CPU $(fsub "$c1" "$c0") s"
+        log "$name $peer: $rps/s p50 ${p50}ms p99 ${p99}ms errors $errs relay CPU $(fsub "$c1" "$c0") s ($(user_share "$c0" "$c1" "$u0" "$u1") in user space)"
       done
     done
     stop_peer
@@ -464,12 +471,12 @@ case_udp() {
         for _ in $(seq "$REPEAT"); do
           next_port; l=$PORT; next_port; t=$PORT
           start_peer "$peer" udp "$l" "$t" || { record "$name" "$peer" "delivered pps" "fails"; continue; }
-          local c0 c1 out="$TMPD/udpgen.txt" target
+          local c0 c1 u0 u1 out="$TMPD/udpgen.txt" target
           if [ "$peer" = direct ]; then target="127.0.0.1:$t"; else target="[::1]:$l"; fi
-          c0=$(relay_cpu)
+          c0=$(relay_cpu) u0=$(relay_user)
           timeout 60 "$UDPGEN" --target "$target" --sink "127.0.0.1:$t" --size "$size" --flows "$flows" \
             --secs "$UDP_SECS" --sender-cpu "$LOAD_CPU" --sink-cpu "$LOAD_CPU" >"$out" 2>>"$TMPD/udpgen.log" || true
-          c1=$(relay_cpu)
+          c1=$(relay_cpu) u1=$(relay_user)
           read -r offered delivered loss pkts < <(python3 "$HELPER" udpgen "$out")
           if ! peer_alive; then record "$name" "$peer" "delivered pps" "exits"; stop_peer; continue; fi
           record "$name" "$peer" "offered pps" "$offered"
@@ -478,7 +485,7 @@ case_udp() {
           if [ "$peer" != direct ] && [ "${pkts:-0}" -gt 0 ]; then
             record "$name" "$peer" "relay CPU s/M pkts" "$(fcalc "($c1 - $c0) / ($pkts / 1e6)")"
           fi
-          log "$name $peer: offered $offered pps, delivered $delivered pps, loss $loss %, relay CPU $(fsub "$c1" "$c0") s"
+          log "$name $peer: offered $offered pps, delivered $delivered pps, loss $loss %, relay CPU $(fsub "$c1" "$c0") s ($(user_share "$c0" "$c1" "$u0" "$u1") in user space)"
           stop_peer
         done
       done
