@@ -6,7 +6,9 @@
 #
 # Peers: splice-relay, docker-proxy (docker mode flags, fd 3), haproxy-splice (option
 # splice-request + splice-response; --haproxy-splice auto for option splice-auto, which
-# HAProxy 2.6 did not act on here), haproxy (nosplice), socat, and direct (no relay).
+# HAProxy 2.6 did not act on here), haproxy (nosplice), socat, direct (no relay), and
+# udp-floor (UDP case only: benches/floor/udp_floor.c, built with cc, the least work a
+# user-space UDP relay can do per datagram: blocking recvmmsg, GSO sendmmsg, one flow).
 # Every relay listens on [::1]:P and forwards to 127.0.0.1:Q (IPv6 client -> IPv4
 # backend). The relay is pinned to CPU 1 (taskset), load generators and backends to
 # CPU 0. Relay CPU is the cpuacct.usage of a cgroup v1 group holding only the relay's
@@ -39,7 +41,7 @@ HELPER="$ROOT/scripts/bench_peers_helper.py"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 
 QUICK=0
-PEERS="splice-relay,docker-proxy,haproxy-splice,haproxy,socat,direct"
+PEERS="splice-relay,docker-proxy,haproxy-splice,haproxy,socat,direct,udp-floor"
 CASES="iperf,wrk,idle,udp,ports,dockeridle"
 OUT=""
 RELAY_BIN="${SPLICE_RELAY_BIN:-}"
@@ -109,6 +111,7 @@ install_tools() {
 
 # ---------------------------------------------------------------- build
 UDPGEN=""
+UDP_FLOOR=""
 build() {
   if [ -z "$RELAY_BIN" ]; then
     log "cargo build --release (splice-relay, examples/udpgen)"
@@ -130,6 +133,10 @@ build() {
     fi
   fi
   [ -x "$RELAY_BIN" ] || { log "no relay binary at $RELAY_BIN: dropping splice-relay"; PEERS=$(echo ",$PEERS," | sed 's/,splice-relay,/,/; s/^,//; s/,$//'); }
+  if has "$PEERS" udp-floor && command -v cc >/dev/null 2>&1 \
+    && cc -O2 -o "$TMPD/udp_floor" "$ROOT/benches/floor/udp_floor.c" 2>>"$TMPD/build.log"; then
+    UDP_FLOOR="$TMPD/udp_floor"
+  fi
   [ -x "$UDPGEN" ] || { log "no udpgen: dropping the udp case"; CASES=$(echo ",$CASES," | sed 's/,udp,/,/; s/^,//; s/,$//'); }
 }
 
@@ -213,6 +220,7 @@ start_peer() {
       local extra=()
       read -r -a extra <<<"$RELAY_ARGS"
       cmd=("$RELAY_BIN" -q "${extra[@]}" "$proto:[::1]:$l=127.0.0.1:$t") ;;
+    udp-floor) cmd=("$UDP_FLOOR" "[::1]:$l" "127.0.0.1:$t" gso) ;;
     docker-proxy) cmd=("$DOCKER_PROXY" -proto "$proto" -host-ip ::1 -host-port "$l" -container-ip 127.0.0.1 -container-port "$t") ;;
     haproxy|haproxy-splice)
       local cfg="$TMPD/haproxy-$l.cfg"
@@ -297,6 +305,7 @@ peer_ok_for() { # peer proto
   case "$1" in
     docker-proxy) [ -n "$DOCKER_PROXY" ] ;;
     haproxy|haproxy-splice) [ "$2" = tcp ] ;;
+    udp-floor) [ "$2" = udp ] && [ -n "$UDP_FLOOR" ] ;;
     *) return 0 ;;
   esac
 }
