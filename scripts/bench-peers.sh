@@ -16,6 +16,8 @@
 #
 # Cases (--cases 1,2,3,4,5,6 or iperf,wrk,idle,udp,ports,dockeridle):
 #   1 iperf    iperf3 TCP bulk, 1 and 8 streams, both directions: Gbit/s, relay CPU s/GB
+#              (and for cases 1, 2 and 4, "system CPU": both cores' busy time per unit, which
+#              shows work a relay pushes onto the load's core; direct is the baseline)
 #   2 wrk      wrk -> relay -> nginx (small static file), 50 connections,
 #              Connection: close (conn/s, p50/p99, relay CPU ms per 1000 conn) and keep-alive (req/s)
 #   3 idle     9,000 idle connections held through the relay: RSS/PSS and fds per connection
@@ -294,6 +296,9 @@ relay_user() {
   if [ -n "$PEER_PID" ] && [ -n "$CG" ]; then awk '$1 == "user" {printf "%.2f\n", $2 / 100}' "$CG/cpuacct.stat"
   else echo 0; fi
 }
+# Busy CPU seconds of the whole machine so far (both cores: relay, load, backends, kernel
+# threads; steal time excluded), from /proc/stat's USER_HZ ticks.
+system_cpu() { awk '$1 == "cpu" {printf "%.2f\n", ($2 + $3 + $4 + $7 + $8) / 100}' /proc/stat; }
 # "N %": the user-space share of a CPU interval (c0 c1 u0 u1).
 user_share() { awk -v c="$(fsub "$2" "$1")" -v u="$(fsub "$4" "$3")" 'BEGIN { printf "%.0f %%", (c > 0 ? 100 * u / c : 0) }'; }
 fsub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.4f", a - b }'; }
@@ -327,11 +332,11 @@ case_iperf() {
         for _ in $(seq "$REPEAT"); do
           if ! peer_ok_for "$peer" tcp || ! peer_alive; then record "$name" "$peer" "Gbit/s" "exits"; break; fi
           kill -0 "$srv" 2>/dev/null || { log "iperf3 server died"; return 1; }
-          local c0 c1 u0 u1 out="$TMPD/iperf.json"
-          c0=$(relay_cpu) u0=$(relay_user)
+          local c0 c1 u0 u1 m0 m1 out="$TMPD/iperf.json"
+          c0=$(relay_cpu) u0=$(relay_user) m0=$(system_cpu)
           timeout $((IPERF_SECS + 30)) "${TS_LOAD[@]}" iperf3 -c "$(client_host "$peer")" -p "$(client_port "$peer" "$l" "$t")" \
             -t "$IPERF_SECS" -P "$p" $dir -J --connect-timeout 5000 >"$out" 2>>"$TMPD/iperf-client.log" || true
-          c1=$(relay_cpu) u1=$(relay_user)
+          c1=$(relay_cpu) u1=$(relay_user) m1=$(system_cpu)
           read -r gbps bytes < <(python3 "$HELPER" iperf "$out" 2>/dev/null || echo "0 0")
           if [ "${bytes:-0}" = 0 ]; then
             record "$name" "$peer" "Gbit/s" "fails"
@@ -340,6 +345,7 @@ case_iperf() {
           fi
           record "$name" "$peer" "Gbit/s" "$gbps"
           if [ "$peer" != direct ]; then record "$name" "$peer" "relay CPU s/GB" "$(fcalc "($c1 - $c0) / ($bytes / 1e9)")"; fi
+          record "$name" "$peer" "system CPU s/GB" "$(fcalc "($m1 - $m0) / ($bytes / 1e9)")"
           log "$name $peer: $gbps Gbit/s, relay CPU $(fsub "$c1" "$c0") s ($(user_share "$c0" "$c1" "$u0" "$u1") in user space)"
         done
       done
@@ -395,13 +401,13 @@ case_wrk() {
     url="http://$host:$(client_port "$peer" "$l" "$t")/small.html"
     for mode in close keepalive; do
       for _ in $(seq "$REPEAT"); do
-        local name hdr=() c0 c1 u0 u1 out="$TMPD/wrk.txt"
+        local name hdr=() c0 c1 u0 u1 m0 m1 out="$TMPD/wrk.txt"
         if [ $mode = close ]; then name="wrk Connection: close"; hdr=(-H 'Connection: close'); else name="wrk keep-alive"; fi
         if ! peer_alive; then record "$name" "$peer" "req/s" "exits"; break; fi
-        c0=$(relay_cpu) u0=$(relay_user)
+        c0=$(relay_cpu) u0=$(relay_user) m0=$(system_cpu)
         timeout $((WRK_SECS + 30)) "${TS_LOAD[@]}" wrk -t1 -c50 -d"${WRK_SECS}s" --timeout 5s --latency "${hdr[@]}" "$url" \
           >"$out" 2>&1 || true
-        c1=$(relay_cpu) u1=$(relay_user)
+        c1=$(relay_cpu) u1=$(relay_user) m1=$(system_cpu)
         read -r rps reqs p50 p99 errs < <(python3 "$HELPER" wrk "$out")
         if [ "${reqs:-0}" = 0 ]; then record "$name" "$peer" "req/s" "fails"; log "$name $peer: failed"; continue; fi
         if [ $mode = close ]; then
@@ -409,10 +415,12 @@ case_wrk() {
           record "$name" "$peer" "p50 ms" "$p50"
           record "$name" "$peer" "p99 ms" "$p99"
           if [ "$peer" != direct ]; then record "$name" "$peer" "relay CPU ms/1000 conn" "$(fcalc "($c1 - $c0) * 1000 / ($reqs / 1000)")"; fi
+          record "$name" "$peer" "system CPU ms/1000 conn" "$(fcalc "($m1 - $m0) * 1000 / ($reqs / 1000)")"
         else
           record "$name" "$peer" "req/s" "$rps"
           record "$name" "$peer" "p99 ms" "$p99"
           if [ "$peer" != direct ]; then record "$name" "$peer" "relay CPU ms/1000 req" "$(fcalc "($c1 - $c0) * 1000 / ($reqs / 1000)")"; fi
+          record "$name" "$peer" "system CPU ms/1000 req" "$(fcalc "($m1 - $m0) * 1000 / ($reqs / 1000)")"
         fi
         record "$name" "$peer" "errors" "$errs"
         log "$name $peer: $rps/s p50 ${p50}ms p99 ${p99}ms errors $errs relay CPU $(fsub "$c1" "$c0") s ($(user_share "$c0" "$c1" "$u0" "$u1") in user space)"
@@ -480,12 +488,12 @@ case_udp() {
         for _ in $(seq "$REPEAT"); do
           next_port; l=$PORT; next_port; t=$PORT
           start_peer "$peer" udp "$l" "$t" || { record "$name" "$peer" "delivered pps" "fails"; continue; }
-          local c0 c1 u0 u1 out="$TMPD/udpgen.txt" target
+          local c0 c1 u0 u1 m0 m1 out="$TMPD/udpgen.txt" target
           if [ "$peer" = direct ]; then target="127.0.0.1:$t"; else target="[::1]:$l"; fi
-          c0=$(relay_cpu) u0=$(relay_user)
+          c0=$(relay_cpu) u0=$(relay_user) m0=$(system_cpu)
           timeout 60 "$UDPGEN" --target "$target" --sink "127.0.0.1:$t" --size "$size" --flows "$flows" \
             --secs "$UDP_SECS" --sender-cpu "$LOAD_CPU" --sink-cpu "$LOAD_CPU" >"$out" 2>>"$TMPD/udpgen.log" || true
-          c1=$(relay_cpu) u1=$(relay_user)
+          c1=$(relay_cpu) u1=$(relay_user) m1=$(system_cpu)
           read -r offered delivered loss pkts < <(python3 "$HELPER" udpgen "$out")
           if ! peer_alive; then record "$name" "$peer" "delivered pps" "exits"; stop_peer; continue; fi
           record "$name" "$peer" "offered pps" "$offered"
@@ -494,6 +502,7 @@ case_udp() {
           if [ "$peer" != direct ] && [ "${pkts:-0}" -gt 0 ]; then
             record "$name" "$peer" "relay CPU s/M pkts" "$(fcalc "($c1 - $c0) / ($pkts / 1e6)")"
           fi
+          if [ "${pkts:-0}" -gt 0 ]; then record "$name" "$peer" "system CPU s/M pkts" "$(fcalc "($m1 - $m0) / ($pkts / 1e6)")"; fi
           log "$name $peer: offered $offered pps, delivered $delivered pps, loss $loss %, relay CPU $(fsub "$c1" "$c0") s ($(user_share "$c0" "$c1" "$u0" "$u1") in user space)"
           stop_peer
         done
