@@ -136,10 +136,12 @@ impl Direction {
             }
             // FIN only once the pipe is empty (rule 6).
             if self.state == DirState::ReadEof && self.pending == 0 {
-                match if last { Ok(()) } else { dst.sock.shutdown(Shutdown::Write) } {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
-                    Err(e) => return Err(e),
+                if !last {
+                    match dst.sock.shutdown(Shutdown::Write) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+                        Err(e) => return Err(e),
+                    }
                 }
                 self.state = DirState::WriteShut;
                 out.changed = true;

@@ -215,8 +215,7 @@ impl UdpRelay {
                 // A GRO buffer is several datagrams: each goes on alone.
                 for (offset, len) in meta.datagrams() {
                     l.stats.datagrams_up += 1;
-                    queue.flows.push(flow);
-                    queue.outs.push(Out { index: i, offset, len, to: None, from: None });
+                    queue.pending.push((flow, Out { index: i, offset, len, to: None, from: None }));
                 }
             }
             if !self.sweeping && !self.table.is_empty() {
@@ -342,55 +341,34 @@ enum Ready {
 /// per-packet path allocates nothing.
 #[derive(Default)]
 struct OutQueue {
-    /// The flow (slab key) each datagram goes to.
-    flows: Vec<usize>,
-    /// The datagrams, parallel to `flows`.
+    /// Each datagram, with the flow (slab key) it goes to.
+    pending: Vec<(usize, Out)>,
+    /// One flow's share of `pending`, contiguous for `sendmmsg` (and the
+    /// reply path's send list).
     outs: Vec<Out>,
-    /// Room to regroup the two above by flow.
-    scratch: Vec<(usize, Out)>,
-}
-
-impl OutQueue {
-    /// Puts each flow's datagrams next to each other, keeping their order
-    /// within the flow, so clients whose datagrams arrive interleaved still
-    /// cost one `sendmmsg` per flow per batch, not one per datagram. Order
-    /// across flows is not kept: they leave through different sockets.
-    fn group_by_flow(&mut self) {
-        if self.flows.windows(2).all(|w| w[0] <= w[1]) {
-            return;
-        }
-        self.scratch.clear();
-        self.scratch.extend(self.flows.iter().copied().zip(self.outs.iter().copied()));
-        // A stable sort: each flow's datagrams stay in arrival order.
-        self.scratch.sort_by_key(|&(flow, _)| flow);
-        self.flows.clear();
-        self.outs.clear();
-        for &(flow, out) in &self.scratch {
-            self.flows.push(flow);
-            self.outs.push(out);
-        }
-    }
 }
 
 /// Sends the queued datagrams, each flow's in one sendmmsg, and empties the queue.
 fn flush(batch: &mut Batch, flows: &mut Slab<Flow>, listeners: &mut [UdpListener], idx: usize, queue: &mut OutQueue) {
-    queue.group_by_flow();
-    let mut start = 0;
-    while start < queue.flows.len() {
-        let flow_key = queue.flows[start];
-        let end = start + queue.flows[start..].iter().take_while(|&&f| f == flow_key).count();
-        let run = &queue.outs[start..end];
-        if let Some(flow) = flows.get_mut(flow_key) {
-            let l = &listeners[idx];
-            // One PROXY header per flow, in front of each of its datagrams.
-            let (plen, prefix) = l.send_proxy.map_or((0, [0; 64]), |v| proxy_prefix(v, flow, l.addr));
-            let sent = send_all(batch, flow.sock.as_fd(), run, &prefix[..plen], &mut flow.gso);
-            listeners[idx].stats.dropped += (run.len() - sent) as u64;
-        }
-        start = end;
+    let OutQueue { pending, outs } = queue;
+    // Each flow's datagrams together, so clients whose datagrams arrive
+    // interleaved still cost one sendmmsg per flow, not one per datagram.
+    // The sort is stable (a flow's datagrams keep their order) and one pass
+    // over a batch that is already grouped; order across flows is not kept,
+    // as they leave through different sockets.
+    pending.sort_by_key(|&(flow, _)| flow);
+    for run in pending.chunk_by(|a, b| a.0 == b.0) {
+        let Some(flow) = flows.get_mut(run[0].0) else { continue };
+        outs.clear();
+        outs.extend(run.iter().map(|&(_, out)| out));
+        let l = &listeners[idx];
+        // One PROXY header per flow, in front of each of its datagrams.
+        let (plen, prefix) = l.send_proxy.map_or((0, [0; 64]), |v| proxy_prefix(v, flow, l.addr));
+        let sent = send_all(batch, flow.sock.as_fd(), outs, &prefix[..plen], &mut flow.gso);
+        listeners[idx].stats.dropped += (outs.len() - sent) as u64;
     }
-    queue.flows.clear();
-    queue.outs.clear();
+    pending.clear();
+    outs.clear();
 }
 
 /// Creates a flow: a socket connected to the backend, registered for replies.
@@ -462,38 +440,4 @@ fn send_all(batch: &mut Batch, fd: std::os::fd::BorrowedFd<'_>, outs: &[Out], pr
 
 fn sweep_every(timeout: Duration) -> Duration {
     (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn out(index: usize) -> Out {
-        Out { index, offset: 0, len: 1, to: None, from: None }
-    }
-
-    #[test]
-    fn interleaved_flows_are_grouped_in_arrival_order() {
-        let mut q = OutQueue::default();
-        for (i, flow) in [7, 3, 7, 9, 3, 7].into_iter().enumerate() {
-            q.flows.push(flow);
-            q.outs.push(out(i));
-        }
-        q.group_by_flow();
-        assert_eq!(q.flows, [3, 3, 7, 7, 7, 9]);
-        let order: Vec<usize> = q.outs.iter().map(|o| o.index).collect();
-        assert_eq!(order, [1, 4, 0, 2, 5, 3]);
-    }
-
-    #[test]
-    fn grouped_queues_are_left_alone() {
-        let mut q = OutQueue::default();
-        for (i, flow) in [1, 1, 2, 5].into_iter().enumerate() {
-            q.flows.push(flow);
-            q.outs.push(out(i));
-        }
-        q.group_by_flow();
-        assert_eq!(q.flows, [1, 1, 2, 5]);
-        assert!(q.scratch.is_empty(), "sorted input needs no regrouping");
-    }
 }
