@@ -5,65 +5,14 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Registry, Token};
+use mio::{Events, Interest, Poll, Registry};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
+use crate::reactor::{Ctx, Kind, fixed_token, untoken};
 use crate::tcp::TcpRelay;
 use crate::timer::{Timer, Timers};
 use crate::udp::UdpRelay;
-
-/// What a token points at; the low three bits of every token.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    /// A TCP listener (index into the listeners).
-    Listener = 0,
-    /// A connection's client socket (slab key).
-    Client = 1,
-    /// A connection's backend socket (slab key).
-    Backend = 2,
-    /// A UDP listening socket (index).
-    UdpListener = 3,
-    /// A UDP flow's socket to the backend (slab key).
-    UdpFlow = 4,
-    /// The signalfd.
-    Signal = 5,
-    /// The metrics HTTP listener.
-    Metrics = 6,
-    /// A metrics HTTP client.
-    MetricsConn = 7,
-}
-
-/// The token for `index` of `kind`.
-pub fn token(kind: Kind, index: usize) -> Token {
-    Token((index << 3) | kind as usize)
-}
-
-/// Splits a token into its kind and index.
-pub fn untoken(t: Token) -> (Kind, usize) {
-    let kind = match t.0 & 7 {
-        0 => Kind::Listener,
-        1 => Kind::Client,
-        2 => Kind::Backend,
-        3 => Kind::UdpListener,
-        4 => Kind::UdpFlow,
-        5 => Kind::Signal,
-        6 => Kind::Metrics,
-        _ => Kind::MetricsConn,
-    };
-    (kind, t.0 >> 3)
-}
-
-/// What every handler needs from the loop: where to register, when it is,
-/// and where to put deadlines.
-pub struct Ctx<'a> {
-    /// The poll's registry.
-    pub registry: &'a Registry,
-    /// Pending deadlines.
-    pub timers: &'a mut Timers,
-    /// The time the current wake-up started.
-    pub now: Instant,
-}
 
 /// Process-wide behaviour of the loop.
 #[derive(Clone, Copy, Debug, Default)]
@@ -101,7 +50,7 @@ impl EventLoop {
         mask.thread_block()?;
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
         let raw = signals.as_raw_fd();
-        poll.registry().register(&mut SourceFd(&raw), token(Kind::Signal, 0), Interest::READABLE)?;
+        poll.registry().register(&mut SourceFd(&raw), fixed_token(Kind::Signal, 0), Interest::READABLE)?;
         Ok(EventLoop { poll, timers: Timers::default(), signals, tcp, udp, metrics: None, settings, draining: false })
     }
 
@@ -134,12 +83,12 @@ impl EventLoop {
             let mut ctx = Ctx { registry: self.poll.registry(), timers: &mut self.timers, now };
             let mut stop = false;
             for ev in events.iter() {
-                let (kind, idx) = untoken(ev.token());
+                let (kind, key) = untoken(ev.token());
                 match kind {
-                    Kind::Listener => self.tcp.listener_event(idx, &mut ctx),
-                    Kind::Client | Kind::Backend => self.tcp.conn_event(kind, idx, ev, &mut ctx),
-                    Kind::UdpListener => self.udp.listener_event(idx, &mut ctx),
-                    Kind::UdpFlow => self.udp.flow_event(idx, ev, &mut ctx),
+                    Kind::Listener => self.tcp.listener_event(key.index() as usize, &mut ctx),
+                    Kind::Client | Kind::Backend => self.tcp.conn_event(kind, key, ev, &mut ctx),
+                    Kind::UdpListener => self.udp.listener_event(key.index() as usize, &mut ctx),
+                    Kind::UdpFlow => self.udp.flow_event(key, ev, &mut ctx),
                     Kind::Signal => {
                         stop |= on_signals(
                             &self.signals,
@@ -152,7 +101,7 @@ impl EventLoop {
                     }
                     Kind::Metrics | Kind::MetricsConn => {
                         if let Some(m) = self.metrics.as_mut() {
-                            m.event(kind, idx, &self.tcp, &self.udp, &mut ctx);
+                            m.event(kind, key, &self.tcp, &self.udp, &mut ctx);
                         }
                     }
                 }
@@ -161,7 +110,7 @@ impl EventLoop {
             self.udp.run_ready(&mut ctx);
             while let Some(t) = ctx.timers.pop_due(now) {
                 match t {
-                    Timer::Conn { key, id } => self.tcp.conn_timer(key, id, &mut ctx),
+                    Timer::Conn(key) => self.tcp.conn_timer(key, &mut ctx),
                     Timer::Listener(idx) => self.tcp.listener_timer(idx, &mut ctx),
                     Timer::UdpSweep => self.udp.sweep(&mut ctx),
                     Timer::Drain => {

@@ -22,11 +22,12 @@ pub mod event_loop;
 pub mod logging;
 pub mod metrics;
 pub mod proxy_protocol;
-pub mod slab;
+pub(crate) mod reactor;
+pub(crate) mod slab;
 pub mod stats;
 pub mod sys;
 pub mod tcp;
-pub mod timer;
+pub(crate) mod timer;
 pub mod udp;
 
 use std::os::fd::OwnedFd;

@@ -8,8 +8,8 @@ use std::net::SocketAddr;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry};
 
-use crate::event_loop::{Ctx, Kind, token};
-use crate::slab::Slab;
+use crate::reactor::{Ctx, Kind, fixed_token, token};
+use crate::slab::{Key, Slab};
 use crate::tcp::TcpRelay;
 use crate::udp::UdpRelay;
 
@@ -103,12 +103,12 @@ impl Metrics {
     /// Listens on `addr`.
     pub fn bind(addr: SocketAddr, registry: &Registry) -> io::Result<Metrics> {
         let mut listener = TcpListener::bind(addr)?;
-        registry.register(&mut listener, token(Kind::Metrics, 0), Interest::READABLE)?;
+        registry.register(&mut listener, fixed_token(Kind::Metrics, 0), Interest::READABLE)?;
         Ok(Metrics { listener, clients: Slab::default() })
     }
 
     /// Readiness on the listener or a client.
-    pub fn event(&mut self, kind: Kind, idx: usize, tcp: &TcpRelay, udp: &UdpRelay, ctx: &mut Ctx<'_>) {
+    pub(crate) fn event(&mut self, kind: Kind, key: Key, tcp: &TcpRelay, udp: &UdpRelay, ctx: &mut Ctx<'_>) {
         if kind == Kind::Metrics {
             while let Ok((mut s, _)) = self.listener.accept() {
                 let key = self.clients.vacant_key();
@@ -118,7 +118,7 @@ impl Metrics {
             }
             return;
         }
-        let Some(s) = self.clients.get_mut(idx) else { return };
+        let Some(s) = self.clients.get_mut(key) else { return };
         let mut buf = [0u8; 2048];
         match s.read(&mut buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -133,6 +133,6 @@ impl Metrics {
         );
         // The page is small: one write fits the socket buffer.
         let _ = s.write_all(resp.as_bytes());
-        self.clients.remove(idx);
+        self.clients.remove(key);
     }
 }

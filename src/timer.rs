@@ -8,11 +8,14 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
+use crate::slab::Key;
+
 /// What a deadline is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Timer {
-    /// A TCP connection's next deadline (connect, idle, half-close); `id` guards slot reuse.
-    Conn { key: usize, id: u64 },
+    /// A TCP connection's next deadline (header, connect, idle, half-close);
+    /// the key's generation makes it miss a connection that took the slot later.
+    Conn(Key),
     /// A listener paused after EMFILE/ENFILE/ENOBUFS/ENOMEM may accept again.
     Listener(usize),
     /// Idle UDP flows are expired.
@@ -47,16 +50,6 @@ impl Timers {
             _ => None,
         }
     }
-
-    /// How many deadlines are pending.
-    pub fn len(&self) -> usize {
-        self.heap.len()
-    }
-
-    /// True when no deadline is pending.
-    pub fn is_empty(&self) -> bool {
-        self.heap.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -77,6 +70,6 @@ mod tests {
         assert_eq!(timers.pop_due(t3), Some(Timer::Drain));
         assert_eq!(timers.pop_due(t3), None);
         assert_eq!(timers.next_timeout(t3), Some(Duration::from_secs(2)));
-        assert_eq!(timers.len(), 1);
+        assert_eq!(timers.heap.len(), 1);
     }
 }

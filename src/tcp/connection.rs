@@ -46,8 +46,6 @@ pub struct Timeouts {
 
 /// A relayed connection.
 pub struct Connection {
-    /// Unique for the process lifetime: guards timers against slot reuse.
-    pub id: u64,
     /// The listener (and so the forward) it came through.
     pub listener: usize,
     /// The client's address (IPv4-mapped addresses unmapped).
@@ -185,7 +183,6 @@ impl Connection {
     /// A new connection whose backend connect has been started.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        id: u64,
         listener: usize,
         client: TcpStream,
         backend: TcpStream,
@@ -195,7 +192,6 @@ impl Connection {
         now: Instant,
     ) -> Self {
         Connection {
-            id,
             listener,
             peer,
             local,

@@ -17,8 +17,9 @@ use std::time::Duration;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry};
 
-use crate::event_loop::{Ctx, Kind, token};
 use crate::proxy_protocol::{self as pp, Transport, Version};
+use crate::reactor::{Ctx, Kind, fixed_token, token};
+use crate::slab::{Key, Slab};
 use crate::stats::TcpStats;
 use crate::timer::Timer;
 use connection::{Connection, End, HeaderOut, Phase, Timeouts};
@@ -75,15 +76,14 @@ pub struct Listener {
 pub struct TcpRelay {
     /// The listeners, indexed by their token.
     pub listeners: Vec<Listener>,
-    conns: crate::slab::Slab<Connection>,
+    conns: Slab<Connection>,
     /// The pipe pool.
     pub pool: PipePool,
     settings: TcpSettings,
-    ready: Vec<(usize, u64)>,
+    ready: Vec<Key>,
     /// Listeners left readable after MAX_ACCEPT accepts.
     accept_later: Vec<usize>,
     per_source: HashMap<IpAddr, u32>,
-    next_id: u64,
     blocked: bool,
 }
 
@@ -98,7 +98,6 @@ impl TcpRelay {
             ready: Vec::new(),
             accept_later: Vec::new(),
             per_source: HashMap::new(),
-            next_id: 0,
             blocked: false,
         }
     }
@@ -117,7 +116,7 @@ impl TcpRelay {
         // Accepted sockets inherit TCP_NODELAY: one setsockopt per listener, not per client.
         let nodelay_inherited = crate::sys::set_nodelay(std::os::fd::AsFd::as_fd(&sock)).is_ok();
         let mut sock = TcpListener::from_std(sock);
-        registry.register(&mut sock, token(Kind::Listener, self.listeners.len()), Interest::READABLE)?;
+        registry.register(&mut sock, fixed_token(Kind::Listener, self.listeners.len()), Interest::READABLE)?;
         self.listeners.push(Listener {
             sock: Some(sock),
             addr,
@@ -151,7 +150,7 @@ impl TcpRelay {
     }
 
     /// A listener became readable.
-    pub fn listener_event(&mut self, idx: usize, ctx: &mut Ctx<'_>) {
+    pub(crate) fn listener_event(&mut self, idx: usize, ctx: &mut Ctx<'_>) {
         if let Some(l) = self.listeners.get_mut(idx) {
             l.readable = true;
             self.accept(idx, ctx);
@@ -159,7 +158,7 @@ impl TcpRelay {
     }
 
     /// A paused listener's rest is over.
-    pub fn listener_timer(&mut self, idx: usize, ctx: &mut Ctx<'_>) {
+    pub(crate) fn listener_timer(&mut self, idx: usize, ctx: &mut Ctx<'_>) {
         if let Some(l) = self.listeners.get_mut(idx) {
             l.paused = false;
             self.accept(idx, ctx);
@@ -249,8 +248,7 @@ impl TcpRelay {
             }
         };
         let key = self.conns.vacant_key();
-        self.next_id += 1;
-        let mut conn = Connection::new(self.next_id, idx, client, backend, peer, local, self.settings.splice, ctx.now);
+        let mut conn = Connection::new(idx, client, backend, peer, local, self.settings.splice, ctx.now);
         conn.awaiting_header = l.accept_proxy;
         let reg = ctx
             .registry
@@ -275,7 +273,7 @@ impl TcpRelay {
     }
 
     /// Readiness on one of a connection's sockets.
-    pub fn conn_event(&mut self, kind: Kind, key: usize, ev: &mio::event::Event, ctx: &mut Ctx<'_>) {
+    pub(crate) fn conn_event(&mut self, kind: Kind, key: Key, ev: &mio::event::Event, ctx: &mut Ctx<'_>) {
         let Some(conn) = self.conns.get_mut(key) else { return };
         let side = if kind == Kind::Client { &mut conn.client } else { &mut conn.backend };
         // Read to EOF before interpreting a hang-up (rule 7): every hang-up or
@@ -294,21 +292,19 @@ impl TcpRelay {
 
     /// Runs connections whose budget ran out last time, and listeners with
     /// clients left in their backlog.
-    pub fn run_ready(&mut self, ctx: &mut Ctx<'_>) {
+    pub(crate) fn run_ready(&mut self, ctx: &mut Ctx<'_>) {
         for idx in std::mem::take(&mut self.accept_later) {
             self.accept(idx, ctx);
         }
         let ready = std::mem::take(&mut self.ready);
-        for (key, id) in ready {
-            if self.conns.get(key).is_some_and(|c| c.id == id) {
-                self.advance(key, ctx);
-            }
+        for key in ready {
+            self.advance(key, ctx);
         }
     }
 
     /// A connection's deadline fired.
-    pub fn conn_timer(&mut self, key: usize, id: u64, ctx: &mut Ctx<'_>) {
-        let Some(conn) = self.conns.get_mut(key).filter(|c| c.id == id) else { return };
+    pub(crate) fn conn_timer(&mut self, key: Key, ctx: &mut Ctx<'_>) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
         conn.timer_at = None;
         let Some(deadline) = conn.deadline(&self.settings.timeouts) else { return };
         if deadline > ctx.now {
@@ -328,7 +324,7 @@ impl TcpRelay {
     }
 
     /// Moves a connection as far as its readiness allows.
-    fn advance(&mut self, key: usize, ctx: &mut Ctx<'_>) {
+    fn advance(&mut self, key: Key, ctx: &mut Ctx<'_>) {
         let Some(conn) = self.conns.get_mut(key) else { return };
         if conn.awaiting_header && conn.client.readable {
             match read_proxy_header(conn) {
@@ -367,7 +363,7 @@ impl TcpRelay {
         match conn.drive(&mut self.pool, BUDGET, ctx.now) {
             Ok(more) => {
                 if more {
-                    self.ready.push((key, conn.id));
+                    self.ready.push(key);
                 }
                 schedule(conn, key, &self.settings.timeouts, ctx);
             }
@@ -380,7 +376,7 @@ impl TcpRelay {
     }
 
     /// Ends a connection; `reset` sends RST both ways instead of a clean close.
-    fn close(&mut self, key: usize, reset: bool) {
+    fn close(&mut self, key: Key, reset: bool) {
         let Some(conn) = self.conns.remove(key) else { return };
         let l = &mut self.listeners[conn.listener];
         l.stats.open = l.stats.open.saturating_sub(1);
@@ -403,7 +399,7 @@ impl TcpRelay {
     }
 
     /// Resumes accepting if the connection limit had stopped it.
-    pub fn resume_if_blocked(&mut self, ctx: &mut Ctx<'_>) {
+    pub(crate) fn resume_if_blocked(&mut self, ctx: &mut Ctx<'_>) {
         if self.blocked && !self.at_limit() {
             self.blocked = false;
             for idx in 0..self.listeners.len() {
@@ -423,11 +419,11 @@ impl TcpRelay {
 
 /// Sets a timer for the connection's next deadline unless one is set already
 /// for that time or sooner (idle deadlines move later; the timer re-checks).
-fn schedule(conn: &mut Connection, key: usize, t: &Timeouts, ctx: &mut Ctx<'_>) {
+fn schedule(conn: &mut Connection, key: Key, t: &Timeouts, ctx: &mut Ctx<'_>) {
     if let Some(d) = conn.deadline(t) {
         if conn.timer_at.is_none_or(|at| d < at) {
             conn.timer_at = Some(d);
-            ctx.timers.add(d, Timer::Conn { key, id: conn.id });
+            ctx.timers.add(d, Timer::Conn(key));
         }
     }
 }

@@ -12,9 +12,9 @@ use std::time::Duration;
 use mio::net::UdpSocket;
 use mio::{Interest, Registry};
 
-use crate::event_loop::{Ctx, Kind, token};
 use crate::proxy_protocol::{self as pp, Transport, Version};
-use crate::slab::Slab;
+use crate::reactor::{Ctx, Kind, fixed_token, token};
+use crate::slab::{Key, Slab};
 use crate::stats::UdpStats;
 use crate::sys::mmsg::{BATCH, Batch, Gso, Out, PktInfo};
 use crate::tcp::unmap;
@@ -78,7 +78,7 @@ pub struct UdpRelay {
     /// The listeners, indexed by their token.
     pub listeners: Vec<UdpListener>,
     flows: Slab<Flow>,
-    table: FlowTable<FlowKey, usize>,
+    table: FlowTable<FlowKey, Key>,
     batch: Option<Box<Batch>>,
     settings: UdpSettings,
     sweeping: bool,
@@ -126,7 +126,7 @@ impl UdpRelay {
             }
         }
         let mut sock = UdpSocket::from_std(sock);
-        registry.register(&mut sock, token(Kind::UdpListener, self.listeners.len()), Interest::READABLE)?;
+        registry.register(&mut sock, fixed_token(Kind::UdpListener, self.listeners.len()), Interest::READABLE)?;
         self.listeners.push(UdpListener {
             sock: Some(sock),
             addr,
@@ -150,7 +150,7 @@ impl UdpRelay {
     }
 
     /// Reads what arrived before the loop started.
-    pub fn start(&mut self, ctx: &mut Ctx<'_>) {
+    pub(crate) fn start(&mut self, ctx: &mut Ctx<'_>) {
         for idx in 0..self.listeners.len() {
             self.listener_event(idx, ctx);
         }
@@ -164,7 +164,7 @@ impl UdpRelay {
     }
 
     /// Datagrams from clients: relay each to its flow, making flows as needed.
-    pub fn listener_event(&mut self, idx: usize, ctx: &mut Ctx<'_>) {
+    pub(crate) fn listener_event(&mut self, idx: usize, ctx: &mut Ctx<'_>) {
         let batch = self.batch.get_or_insert_with(|| Box::new(Batch::new()));
         let Some(l) = self.listeners.get_mut(idx) else { return };
         l.readable = true;
@@ -233,7 +233,7 @@ impl UdpRelay {
     }
 
     /// Replies (or errors) on a flow socket.
-    pub fn flow_event(&mut self, key: usize, ev: &mio::event::Event, ctx: &mut Ctx<'_>) {
+    pub(crate) fn flow_event(&mut self, key: Key, ev: &mio::event::Event, ctx: &mut Ctx<'_>) {
         let Some(flow) = self.flows.get(key) else { return };
         if ev.is_error() {
             // A stale ICMP error (ECONNREFUSED): read it so the edge does not
@@ -245,7 +245,7 @@ impl UdpRelay {
         self.flow_readable(key, ctx);
     }
 
-    fn flow_readable(&mut self, key: usize, ctx: &mut Ctx<'_>) {
+    fn flow_readable(&mut self, key: Key, ctx: &mut Ctx<'_>) {
         let batch = self.batch.get_or_insert_with(|| Box::new(Batch::new()));
         let Some(flow) = self.flows.get(key) else { return };
         let idx = flow.listener;
@@ -290,7 +290,7 @@ impl UdpRelay {
                 return;
             }
         }
-        self.ready.push(Ready::Flow(key, idx));
+        self.ready.push(Ready::Flow(key));
     }
 
     /// True if a socket was left readable by bounded work.
@@ -299,21 +299,17 @@ impl UdpRelay {
     }
 
     /// Gives sockets left readable by bounded work their next turn.
-    pub fn run_ready(&mut self, ctx: &mut Ctx<'_>) {
+    pub(crate) fn run_ready(&mut self, ctx: &mut Ctx<'_>) {
         for r in std::mem::take(&mut self.ready) {
             match r {
                 Ready::Listener(idx) => self.listener_event(idx, ctx),
-                Ready::Flow(key, idx) => {
-                    if self.flows.get(key).is_some_and(|f| f.listener == idx) {
-                        self.flow_readable(key, ctx);
-                    }
-                }
+                Ready::Flow(key) => self.flow_readable(key, ctx),
             }
         }
     }
 
     /// Closes idle flows; also the turn for sockets left readable by bounded work.
-    pub fn sweep(&mut self, ctx: &mut Ctx<'_>) {
+    pub(crate) fn sweep(&mut self, ctx: &mut Ctx<'_>) {
         let flows = &mut self.flows;
         self.table.expire(ctx.now, |(_, client, _), key| {
             log::debug!("udp flow {client}: idle; closed");
@@ -334,7 +330,7 @@ impl UdpRelay {
 /// A socket left readable when its bounded work ran out.
 enum Ready {
     Listener(usize),
-    Flow(usize, usize),
+    Flow(Key),
 }
 
 /// Datagrams received but not yet sent on, reused batch after batch so the
@@ -342,7 +338,7 @@ enum Ready {
 #[derive(Default)]
 struct OutQueue {
     /// Each datagram, with the flow (slab key) it goes to.
-    pending: Vec<(usize, Out)>,
+    pending: Vec<(Key, Out)>,
     /// One flow's share of `pending`, contiguous for `sendmmsg` (and the
     /// reply path's send list).
     outs: Vec<Out>,
@@ -374,13 +370,13 @@ fn flush(batch: &mut Batch, flows: &mut Slab<Flow>, listeners: &mut [UdpListener
 /// Creates a flow: a socket connected to the backend, registered for replies.
 fn open_flow(
     flows: &mut Slab<Flow>,
-    table: &mut FlowTable<FlowKey, usize>,
+    table: &mut FlowTable<FlowKey, Key>,
     idx: usize,
     l: &mut UdpListener,
     client: SocketAddr,
     reply_from: Option<PktInfo>,
     ctx: &mut Ctx<'_>,
-) -> Option<usize> {
+) -> Option<Key> {
     // Close the least recently used flow first: never more than max_flows sockets.
     if let Some((_, old)) = table.make_room() {
         log::debug!("udp flow table full; least recently used flow closed");
