@@ -36,11 +36,7 @@ impl Cidr {
 
     /// True if `ip` is inside this network (IPv4-mapped IPv6 counts as IPv4).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
+        match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
                 prefix_eq(u32::from(net).into(), u32::from(ip).into(), 32, self.prefix)
             }

@@ -14,6 +14,22 @@ use crate::tcp::TcpRelay;
 use crate::timer::{Timer, Timers};
 use crate::udp::UdpRelay;
 
+/// Signals that act: SIGINT and SIGTERM stop (or drain), SIGUSR1 logs totals.
+const HANDLED: &[Signal] = &[Signal::SIGINT, Signal::SIGTERM, Signal::SIGUSR1];
+/// Signals whose default action would end the process, taken and logged.
+const IGNORED: &[Signal] = &[
+    Signal::SIGHUP,
+    Signal::SIGUSR2,
+    Signal::SIGALRM,
+    Signal::SIGVTALRM,
+    Signal::SIGPROF,
+    Signal::SIGIO,
+    Signal::SIGPWR,
+    Signal::SIGSTKFLT,
+    Signal::SIGXCPU,
+    Signal::SIGXFSZ,
+];
+
 /// Process-wide behaviour of the loop.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoopSettings {
@@ -39,15 +55,17 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    /// A loop with no sockets yet; blocks SIGINT, SIGTERM and SIGUSR1 so they
-    /// arrive through a signalfd.
+    /// A loop with no sockets yet. Every signal whose default action would
+    /// end the process silently arrives through a signalfd instead (the
+    /// real-time ones are ignored): only SIGINT and SIGTERM end the relay.
     pub fn new(tcp: TcpRelay, udp: UdpRelay, settings: LoopSettings) -> io::Result<Self> {
         let poll = Poll::new()?;
         let mut mask = SigSet::empty();
-        for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGUSR1, Signal::SIGHUP] {
-            mask.add(s);
+        for s in HANDLED.iter().chain(IGNORED) {
+            mask.add(*s);
         }
         mask.thread_block()?;
+        crate::sys::ignore_realtime_signals();
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
         let raw = signals.as_raw_fd();
         poll.registry().register(&mut SourceFd(&raw), fixed_token(Kind::Signal, 0), Interest::READABLE)?;
@@ -114,10 +132,7 @@ impl EventLoop {
                     Timer::Listener(idx) => self.tcp.listener_timer(idx, &mut ctx),
                     Timer::UdpSweep => self.udp.sweep(&mut ctx),
                     Timer::Drain => {
-                        log::info!(
-                            "drain timeout reached with {} connections open; exiting",
-                            self.tcp.open_connections()
-                        );
+                        log::info!("drain timeout reached; exiting");
                         stop = true;
                     }
                     Timer::Stats => {
@@ -130,6 +145,8 @@ impl EventLoop {
             }
             self.tcp.resume_if_blocked(&mut ctx);
             if stop || (self.draining && self.tcp.open_connections() == 0) {
+                // What is still open was cut short: reset it (ARCHITECTURE.md, "Exit").
+                self.tcp.reset_all(&mut ctx);
                 return Ok(());
             }
         }
@@ -156,7 +173,7 @@ fn on_signals(
     while let Ok(Some(info)) = signals.read_signal() {
         match Signal::try_from(info.ssi_signo as i32) {
             Ok(Signal::SIGUSR1) => log_stats(tcp, udp),
-            Ok(Signal::SIGHUP) => log::info!("SIGHUP ignored"),
+            Ok(sig) if IGNORED.contains(&sig) => log::info!("{sig} ignored"),
             Ok(sig) => {
                 if *draining || settings.drain_timeout.is_zero() {
                     log::info!("{sig}: exiting");

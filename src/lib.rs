@@ -38,6 +38,13 @@ use event_loop::EventLoop;
 use tcp::TcpRelay;
 use udp::UdpRelay;
 
+/// Shows an IPv4-mapped IPv6 address (`[::ffff:a.b.c.d]:p`, what a
+/// dual-stack socket reports for an IPv4 peer) as plain IPv4 (`a.b.c.d:p`),
+/// for logs, limits and PROXY headers. Other addresses pass through.
+pub(crate) fn unmap(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 /// Binds every listener of `config` (or adopts `listen_fd`, docker's fd 4,
 /// for its single forward) and returns a loop ready to run.
 pub fn build(config: &Config, listen_fd: Option<OwnedFd>) -> Result<EventLoop, StartError> {

@@ -22,7 +22,7 @@ pub fn stats_lines(tcp: &TcpRelay, udp: &UdpRelay) -> Vec<String> {
         out.push(format!(
             "stats tcp {} -> {}: open {} total {} refused {} failed {} bytes_up {} bytes_down {}",
             l.addr,
-            l.target,
+            l.route.target,
             s.open,
             s.total,
             s.refused,
@@ -61,7 +61,7 @@ pub fn prometheus(tcp: &TcpRelay, udp: &UdpRelay) -> String {
     };
     let tl = |i: usize| {
         let l = &tcp.listeners[i];
-        format!("listen=\"{}\",target=\"{}\"", l.addr, l.target)
+        format!("listen=\"{}\",target=\"{}\"", l.addr, l.route.target)
     };
     let ul = |i: usize| {
         let l = &udp.listeners[i];

@@ -70,13 +70,8 @@ pub fn encode(
 
 /// Unmaps IPv4-mapped addresses, then maps IPv4 into IPv6 if the families still differ.
 fn same_family(src: SocketAddr, dst: SocketAddr) -> (SocketAddr, SocketAddr) {
-    let (src, dst) = (unmap(src), unmap(dst));
+    let (src, dst) = (crate::unmap(src), crate::unmap(dst));
     if src.is_ipv4() == dst.is_ipv4() { (src, dst) } else { (map(src), map(dst)) }
-}
-
-/// Turns `[::ffff:a.b.c.d]:p` into `a.b.c.d:p`; other addresses pass through.
-fn unmap(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// Turns `a.b.c.d:p` into `[::ffff:a.b.c.d]:p`; IPv6 addresses pass through.
@@ -194,6 +189,15 @@ pub fn parse(buf: &[u8]) -> Result<Option<Header>, ParseError> {
     } else {
         Err(ParseError::NotProxy)
     }
+}
+
+/// The whole length a v2 header announces, once its 16 fixed bytes are in
+/// `buf`: a reader can refuse an over-long header before waiting for it.
+pub fn announced_len(buf: &[u8]) -> Option<usize> {
+    if buf.len() < V2_FIXED_LEN || buf[..V2_SIGNATURE.len()] != V2_SIGNATURE {
+        return None;
+    }
+    Some(V2_FIXED_LEN + usize::from(u16::from_be_bytes([buf[14], buf[15]])))
 }
 
 /// Whether `buf` and `prefix` agree on their common length.

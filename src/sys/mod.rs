@@ -51,6 +51,23 @@ pub fn out_of_resources(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
 
+/// A connect error that means the backend could not be reached (refused,
+/// unroutable, timed out), as opposed to a reset after it accepted.
+pub fn is_unreachable(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNREFUSED
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+                | libc::ETIMEDOUT
+                | libc::EHOSTDOWN
+                | libc::ENETDOWN
+                | libc::EADDRNOTAVAIL
+        )
+    )
+}
+
 /// A non-blocking, close-on-exec pipe (DATAPATH rule 1): (read end, write end).
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).map_err(io::Error::from)
@@ -78,6 +95,41 @@ pub fn pipe_size(fd: BorrowedFd<'_>) -> io::Result<usize> {
 /// Sets TCP_NODELAY. On a listening socket, every accepted socket inherits it.
 pub fn set_nodelay(fd: BorrowedFd<'_>) -> io::Result<()> {
     sock::setsockopt(&fd, sockopt::TcpNoDelay, &true).map_err(io::Error::from)
+}
+
+/// Sets SO_OOBINLINE: urgent (MSG_OOB) bytes stay in the byte stream, so
+/// the relay forwards them as ordinary bytes (ARCHITECTURE.md, "Urgent data").
+/// On a listening socket, every accepted socket inherits it.
+pub fn set_oob_inline(fd: BorrowedFd<'_>) -> io::Result<()> {
+    sock::setsockopt(&fd, sockopt::OobInline, &true).map_err(io::Error::from)
+}
+
+/// A TCP socket connecting to `addr` without blocking, with SO_OOBINLINE
+/// and TCP_NODELAY set before the connect. `Ok` while the connect is in
+/// progress; its outcome comes as the first writable (or error) edge.
+pub fn tcp_connect(addr: SocketAddr) -> io::Result<OwnedFd> {
+    let fd = socket_for(addr, sock::SockType::Stream)?;
+    set_oob_inline(fd.as_fd())?;
+    set_nodelay(fd.as_fd())?;
+    let storage = sock::SockaddrStorage::from(addr);
+    match sock::connect(fd.as_raw_fd(), &storage) {
+        Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => Ok(fd),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads at most one byte from a socket without blocking: the step past an
+/// urgent mark, where splice stops and answers 0 although the stream goes on.
+/// `Ok(None)` is end of stream.
+pub fn recv_one(fd: BorrowedFd<'_>) -> io::Result<Option<u8>> {
+    let mut byte = [0u8; 1];
+    let n = retry(|| sock::recv(fd.as_raw_fd(), &mut byte, sock::MsgFlags::MSG_DONTWAIT).map_err(io::Error::from))?;
+    Ok((n == 1).then_some(byte[0]))
+}
+
+/// Writes `bytes` to a pipe (or any fd) without blocking; returns how many went.
+pub fn write(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {
+    retry(|| nix::unistd::write(fd, bytes).map_err(io::Error::from))
 }
 
 /// Makes the socket send a reset instead of a FIN when it is closed.
@@ -194,6 +246,16 @@ pub fn inherited_fd(fd: RawFd) -> Option<OwnedFd> {
 
 fn fcntl_getfd_ok(fd: RawFd) -> Option<()> {
     syscall!(fcntl(fd, libc::F_GETFD)).ok().map(|_| ())
+}
+
+/// Ignores the real-time signals (SIGRTMIN..=SIGRTMAX), whose default
+/// action would end the process without a word.
+pub fn ignore_realtime_signals() {
+    for signo in libc::SIGRTMIN()..=libc::SIGRTMAX() {
+        // SAFETY: SIG_IGN installs no handler code; the signal numbers come
+        // from libc's own range of real-time signals.
+        unsafe { libc::signal(signo, libc::SIG_IGN) };
+    }
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new soft limit.

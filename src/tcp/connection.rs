@@ -1,35 +1,44 @@
-//! One relayed TCP connection: a client socket, a backend socket, two directions.
+//! One relayed TCP connection, its whole life in one place.
+//!
+//! ```text
+//!  accept ──> Identifying ──header read (accept-proxy), source admitted──> Connecting
+//!                                                                            │ first writable edge,
+//!                                                                            v no socket error
+//!  clean close <── both directions forwarded their FIN <────────────────── Relaying
+//! ```
+//!
+//! Any state ends in a reset of both sockets on an error, a refusal or a
+//! deadline. Each [`State`] holds only what it needs: there is no backend
+//! socket before the client is identified, and no directions (nor pipes)
+//! before the backend is connected. [`Connection::drive`] moves the
+//! connection as far as its readiness allows and says what is next
+//! ([`Progress`]); the relay (`tcp/mod.rs`) owns the slab, the listeners'
+//! counters and the timers, and logs why a connection ended ([`Why`]).
 
-use std::io::{self, Write};
-use std::net::SocketAddr;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
+use mio::{Interest, Registry};
 
+use super::Sources;
 use super::direction::{DirState, Direction, Side};
 use super::pipe_pool::PipePool;
+use crate::proxy_protocol::{self as pp, Transport, Version};
+use crate::reactor::{Kind, token};
+use crate::slab::Key;
 use crate::sys;
 
-/// Where a connection is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    /// The backend connect is in progress.
-    Connecting,
-    /// The backend is connected; the client's PROXY header is still awaited.
-    Connected,
-    /// Bytes flow both ways (each direction has its own state).
-    Relaying,
-}
-
-/// Why a connection ends.
-#[derive(Debug)]
-pub enum End {
-    /// Both directions forwarded their EOF: a clean close.
-    Done,
-    /// A socket failed or was reset: reset the other side too.
-    Abort(io::Error),
-}
+/// Bytes one direction may read per turn before the loop serves every
+/// other ready socket (ARCHITECTURE.md, "Fairness"). One default pipe's
+/// worth: a bulk transfer costs one extra `epoll_wait` per 256 KiB.
+pub(crate) const BUDGET: usize = 256 * 1024;
+/// The longest PROXY header accepted from a client.
+pub(crate) const MAX_HEADER_IN: usize = 1024;
+/// Every socket of a connection is registered once, for all of these.
+pub(crate) const INTEREST: Interest = Interest::READABLE.add(Interest::WRITABLE).add(Interest::PRIORITY);
 
 /// Timeouts applied to every connection.
 #[derive(Clone, Copy, Debug)]
@@ -38,175 +47,395 @@ pub struct Timeouts {
     pub connect: Duration,
     /// Close a connection with no traffic for this long (None: never).
     pub idle: Option<Duration>,
-    /// Close a connection this long after its first direction finished (None: never).
+    /// Close a half-closed connection with no traffic for this long (None: never).
     pub half_close: Option<Duration>,
     /// Bound on reading a client's PROXY header.
     pub header: Duration,
 }
 
-/// A relayed connection.
-pub struct Connection {
-    /// The listener (and so the forward) it came through.
-    pub listener: usize,
-    /// The client's address (IPv4-mapped addresses unmapped).
-    pub peer: SocketAddr,
-    /// The address the client connected to.
-    pub local: SocketAddr,
-    /// The socket's peer address, as counted for the per-source limit.
-    pub source: std::net::IpAddr,
-    /// The accepted socket.
-    pub client: Side,
-    /// The socket to the target.
-    pub backend: Side,
+/// Where a listener's connections go, and how.
+pub(crate) struct Route {
+    /// The backend.
+    pub(crate) target: SocketAddr,
+    /// Write a PROXY header of this version to the backend first.
+    pub(crate) send_proxy: Option<Version>,
+    /// Read a PROXY header from the client before anything else.
+    pub(crate) accept_proxy: bool,
+}
+
+/// What [`Connection::drive`] needs from the relay.
+pub(crate) struct Env<'a> {
+    /// Pipes and copy buffers.
+    pub(crate) pool: &'a mut PipePool,
+    /// To register the backend socket.
+    pub(crate) registry: &'a Registry,
+    /// The connection's slab key, for the backend socket's token.
+    pub(crate) key: Key,
+    /// The listener's forward.
+    pub(crate) route: &'a Route,
+    /// The per-source limit.
+    pub(crate) sources: &'a mut Sources,
+    /// Copy through user memory instead of splicing.
+    pub(crate) splice: bool,
+    /// The time of this wake-up.
+    pub(crate) now: Instant,
+}
+
+/// What a call to [`Connection::drive`] leaves behind.
+#[derive(Debug)]
+pub(crate) enum Progress {
+    /// Nothing more until an event or a deadline.
+    Waiting,
+    /// The turn's budget ran out with work left: run again after the others.
+    Yielded,
+    /// The connection is over; the relay removes it.
+    Closed(End),
+}
+
+/// How a connection ends.
+#[derive(Debug)]
+pub(crate) enum End {
+    /// Both directions forwarded their EOF: a clean close.
+    Done,
+    /// Both sockets are reset, for this reason.
+    Reset(Why),
+}
+
+/// Why a connection was reset.
+#[derive(Debug)]
+pub(crate) enum Why {
+    /// The client's PROXY header was malformed, too long, or never complete.
+    BadHeader(io::Error),
+    /// The client's address already has `--max-connections-per-source` connections.
+    SourceLimit,
+    /// The backend socket could not be made or registered.
+    CannotConnect(io::Error),
+    /// The backend refused or could not be reached.
+    Unreachable(io::Error),
+    /// A socket failed or was reset (by the client, or by the backend,
+    /// which may have accepted first).
+    Aborted(io::Error),
+    /// `--proxy-header-timeout` passed without a complete header.
+    HeaderTimeout,
+    /// `--connect-timeout` passed during the backend connect.
+    ConnectTimeout,
+    /// `--idle-timeout` passed without traffic.
+    Idle,
+    /// `--half-close-timeout` passed without traffic after one side finished.
+    HalfClosedIdle,
+    /// The relay is exiting with the connection still open.
+    Shutdown,
+}
+
+/// Where a connection is in its life; each state holds what it needs.
+enum State {
+    /// Accepted. On accept-proxy forwards the client's PROXY header is read
+    /// first; then the source limit is checked and the connect starts.
+    Identifying,
+    /// The backend connect is in progress.
+    Connecting { backend: Side },
+    /// Bytes flow both ways.
+    Relaying(Box<Relaying>),
+}
+
+/// A connected connection's sockets and directions.
+struct Relaying {
+    backend: Side,
+    /// A PROXY header still to be written before any payload.
+    header: Option<HeaderOut>,
     /// Client -> backend.
-    pub up: Direction,
+    up: Direction,
     /// Backend -> client.
-    pub down: Direction,
-    /// Life stage.
-    pub phase: Phase,
-    /// The client's PROXY header has not been read yet (accept-proxy forwards).
-    pub awaiting_header: bool,
-    /// PROXY header still to be written to the backend before any payload.
-    pub header_out: Option<Box<HeaderOut>>,
-    /// When the connection was accepted (connect and header deadlines).
-    pub since: Instant,
-    /// Last time bytes moved.
-    pub last_active: Instant,
-    /// When the first direction finished, for the half-close bound.
-    pub half_closed_at: Option<Instant>,
-    /// The soonest deadline a timer is already set for.
-    pub timer_at: Option<Instant>,
+    down: Direction,
 }
 
 /// A header waiting to be written to the backend.
-pub struct HeaderOut {
-    /// The encoded header.
-    pub bytes: [u8; crate::proxy_protocol::MAX_ENCODED_LEN],
-    /// How many bytes of it are still to send (from `len - left`).
-    pub left: usize,
-    /// The header's full length.
-    pub len: usize,
+struct HeaderOut {
+    bytes: [u8; pp::MAX_ENCODED_LEN],
+    /// Bytes already written.
+    sent: usize,
+    len: usize,
+}
+
+/// A relayed connection.
+pub(crate) struct Connection {
+    /// The listener (and so the forward) it came through.
+    pub(crate) listener: usize,
+    /// The client's address (from its PROXY header on accept-proxy forwards).
+    pub(crate) peer: SocketAddr,
+    /// The address the client connected to.
+    local: SocketAddr,
+    /// The address counted against the per-source limit, once admitted.
+    pub(crate) source: Option<IpAddr>,
+    client: Side,
+    state: State,
+    /// When the current wait (header, connect) began.
+    since: Instant,
+    /// The last time bytes moved.
+    last_active: Instant,
+    /// The soonest deadline a timer is already set for.
+    pub(crate) timer_at: Option<Instant>,
 }
 
 impl Connection {
-    /// Moves bytes both ways. `Ok(true)`: the budget ran out with work left.
-    /// `Err(End)`: the connection is over.
-    pub fn drive(&mut self, pool: &mut PipePool, budget: usize, now: Instant) -> Result<bool, End> {
-        if self.phase != Phase::Relaying {
-            return Ok(false);
-        }
-        if !self.flush_header().map_err(End::Abort)? {
-            // Payload waits behind the header; backend->client may still flow.
-            let down = self.down.pump(&mut self.backend, &mut self.client, pool, budget, false).map_err(End::Abort)?;
-            return Ok(down.more);
-        }
-        // The direction that finishes second leaves its FIN to the close.
-        let shut = |d: &Direction| d.state() == DirState::WriteShut;
-        let last = shut(&self.down);
-        let up = self.up.pump(&mut self.client, &mut self.backend, pool, budget, last).map_err(End::Abort)?;
-        let last = shut(&self.up);
-        let down = self.down.pump(&mut self.backend, &mut self.client, pool, budget, last).map_err(End::Abort)?;
-        if up.moved + down.moved > 0 {
-            self.last_active = now;
-        }
-        match (shut(&self.up), shut(&self.down)) {
-            (true, true) => return Err(End::Done),
-            (true, false) | (false, true) if self.half_closed_at.is_none() => self.half_closed_at = Some(now),
-            _ => {}
-        }
-        Ok(up.more || down.more)
-    }
-
-    /// Writes what is left of the PROXY header; true once none is left.
-    fn flush_header(&mut self) -> io::Result<bool> {
-        let Some(h) = self.header_out.as_mut() else { return Ok(true) };
-        while h.left > 0 && self.backend.writable {
-            match (&self.backend.sock).write(&h.bytes[h.len - h.left..h.len]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => h.left -= n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.backend.writable = false,
-                Err(e) => return Err(e),
-            }
-        }
-        if h.left == 0 {
-            self.header_out = None;
-            return Ok(true);
-        }
-        Ok(false)
-    }
-
-    /// Checks a pending connect after a writable (or error) edge. A
-    /// writable edge with no error or hang-up means the connect completed
-    /// (a socket in SYN_SENT never polls writable), so SO_ERROR is read only
-    /// after an error or hang-up edge: one syscall fewer per connection.
-    pub fn check_connected(&mut self) -> io::Result<()> {
-        if !self.backend.faulted {
-            return Ok(());
-        }
-        match self.backend.sock.take_error()? {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    /// The next instant something must be checked, given the timeouts.
-    pub fn deadline(&self, t: &Timeouts) -> Option<Instant> {
-        let mut next: Option<Instant> = None;
-        let mut consider = |d: Option<Instant>| {
-            if let Some(d) = d {
-                next = Some(next.map_or(d, |n| n.min(d)));
-            }
-        };
-        match self.phase {
-            Phase::Connecting => consider(Some(self.since + t.connect)),
-            Phase::Connected | Phase::Relaying => {}
-        }
-        if self.awaiting_header {
-            consider(Some(self.since + t.header));
-        }
-        consider(t.idle.map(|i| self.last_active + i));
-        consider(t.half_close.zip(self.half_closed_at).map(|(h, at)| at + h));
-        next
-    }
-
-    /// Releases both directions' pipes and, for an abort, makes both sockets
-    /// send a reset when they are dropped (rule 7).
-    pub fn close(mut self, pool: &mut PipePool, reset: bool) {
-        self.up.release(pool);
-        self.down.release(pool);
-        if reset {
-            sys::set_linger_zero(self.client.sock.as_fd());
-            sys::set_linger_zero(self.backend.sock.as_fd());
-        }
-    }
-
-    /// A new connection whose backend connect has been started.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        listener: usize,
-        client: TcpStream,
-        backend: TcpStream,
-        peer: SocketAddr,
-        local: SocketAddr,
-        splice: bool,
-        now: Instant,
-    ) -> Self {
+    /// A freshly accepted client; `drive` takes it from here.
+    pub(crate) fn new(listener: usize, client: TcpStream, peer: SocketAddr, local: SocketAddr, now: Instant) -> Self {
         Connection {
             listener,
             peer,
             local,
-            source: peer.ip(),
+            source: None,
             client: Side::new(client),
-            backend: Side::new(backend),
-            up: Direction::new(splice),
-            down: Direction::new(splice),
-            phase: Phase::Connecting,
-            awaiting_header: false,
-            header_out: None,
+            state: State::Identifying,
             since: now,
             last_active: now,
-            half_closed_at: None,
             timer_at: None,
         }
     }
+
+    /// Registers the client socket under `key`.
+    pub(crate) fn register(&mut self, registry: &Registry, key: Key) -> io::Result<()> {
+        registry.register(&mut self.client.sock, token(Kind::Client, key), INTEREST)
+    }
+
+    /// Records an event on the client (`backend` false) or backend socket.
+    pub(crate) fn note(&mut self, backend: bool, ev: &mio::event::Event) {
+        let side = match (&mut self.state, backend) {
+            (_, false) => &mut self.client,
+            (State::Connecting { backend }, true) => backend,
+            (State::Relaying(r), true) => &mut r.backend,
+            (State::Identifying, true) => return,
+        };
+        side.note(ev);
+    }
+
+    /// Moves the connection as far as its readiness allows.
+    pub(crate) fn drive(&mut self, env: &mut Env<'_>) -> Progress {
+        if let State::Identifying = self.state {
+            if env.route.accept_proxy {
+                match self.read_proxy_header() {
+                    Ok(true) => {}
+                    Ok(false) => return Progress::Waiting,
+                    Err(e) => return Progress::Closed(End::Reset(Why::BadHeader(e))),
+                }
+            }
+            if !env.sources.admit(self.peer.ip()) {
+                return Progress::Closed(End::Reset(Why::SourceLimit));
+            }
+            self.source = env.sources.counts().then_some(self.peer.ip());
+            match start_connect(env) {
+                Ok(backend) => {
+                    self.since = env.now;
+                    self.state = State::Connecting { backend };
+                }
+                Err(e) => return Progress::Closed(End::Reset(Why::CannotConnect(e))),
+            }
+        }
+        if let State::Connecting { backend } = &mut self.state {
+            if !backend.writable {
+                return Progress::Waiting;
+            }
+            if let Err(e) = check_connected(backend) {
+                return Progress::Closed(End::Reset(connect_error(e)));
+            }
+            let header = env.route.send_proxy.map(|v| {
+                let mut h = HeaderOut { bytes: [0; pp::MAX_ENCODED_LEN], sent: 0, len: 0 };
+                h.len = pp::encode(v, Transport::Stream, self.peer, self.local, &mut h.bytes);
+                h
+            });
+            self.state = match std::mem::replace(&mut self.state, State::Identifying) {
+                State::Connecting { backend } => {
+                    let (up, down) = (Direction::new(env.splice), Direction::new(env.splice));
+                    State::Relaying(Box::new(Relaying { backend, header, up, down }))
+                }
+                other => other,
+            };
+            self.last_active = env.now;
+        }
+        let State::Relaying(r) = &mut self.state else { return Progress::Waiting };
+        match r.pump(&mut self.client, env.pool) {
+            Ok((moved, more)) => {
+                if moved > 0 {
+                    self.last_active = env.now;
+                }
+                if r.up.state() == DirState::WriteShut && r.down.state() == DirState::WriteShut {
+                    Progress::Closed(End::Done)
+                } else if more {
+                    Progress::Yielded
+                } else {
+                    Progress::Waiting
+                }
+            }
+            Err(e) => Progress::Closed(End::Reset(Why::Aborted(e))),
+        }
+    }
+
+    /// The next instant a deadline must be checked, given the timeouts.
+    pub(crate) fn deadline(&self, t: &Timeouts) -> Option<Instant> {
+        let state_bound = match &self.state {
+            State::Identifying => Some(self.since + t.header),
+            State::Connecting { .. } => Some(self.since + t.connect),
+            State::Relaying(_) => None,
+        };
+        let idle = t.idle.map(|i| self.last_active + i);
+        let half = t.half_close.filter(|_| self.half_closed()).map(|h| self.last_active + h);
+        [state_bound, idle, half].into_iter().flatten().min()
+    }
+
+    /// Which deadline has passed at `now`, if any.
+    pub(crate) fn expired(&self, t: &Timeouts, now: Instant) -> Option<Why> {
+        let passed = |d: Instant| d <= now;
+        match &self.state {
+            State::Identifying if passed(self.since + t.header) => return Some(Why::HeaderTimeout),
+            State::Connecting { .. } if passed(self.since + t.connect) => return Some(Why::ConnectTimeout),
+            _ => {}
+        }
+        if t.idle.is_some_and(|i| passed(self.last_active + i)) {
+            return Some(Why::Idle);
+        }
+        if self.half_closed() && t.half_close.is_some_and(|h| passed(self.last_active + h)) {
+            return Some(Why::HalfClosedIdle);
+        }
+        None
+    }
+
+    /// True once exactly one direction has forwarded its FIN.
+    fn half_closed(&self) -> bool {
+        match &self.state {
+            State::Relaying(r) => (r.up.state() == DirState::WriteShut) != (r.down.state() == DirState::WriteShut),
+            _ => false,
+        }
+    }
+
+    /// Bytes delivered so far, (client -> backend, backend -> client).
+    pub(crate) fn bytes(&self) -> (u64, u64) {
+        match &self.state {
+            State::Relaying(r) => (r.up.bytes, r.down.bytes),
+            _ => (0, 0),
+        }
+    }
+
+    /// Releases the pipes and, for a reset, makes every socket send a reset
+    /// when it is dropped (SO_LINGER {1, 0}) instead of a FIN.
+    pub(crate) fn close(self, pool: &mut PipePool, reset: bool) {
+        let backend = match self.state {
+            State::Identifying => None,
+            State::Connecting { backend } => Some(backend),
+            State::Relaying(mut r) => {
+                r.up.release(pool);
+                r.down.release(pool);
+                Some(r.backend)
+            }
+        };
+        if reset {
+            sys::set_linger_zero(self.client.sock.as_fd());
+            if let Some(b) = &backend {
+                sys::set_linger_zero(b.sock.as_fd());
+            }
+        }
+    }
+
+    /// Reads the client's PROXY header: `Ok(true)` once consumed, `Ok(false)`
+    /// while more bytes are needed. The addresses it carries replace the socket's.
+    fn read_proxy_header(&mut self) -> io::Result<bool> {
+        let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+        if !self.client.readable {
+            return Ok(false);
+        }
+        let mut buf = [0u8; MAX_HEADER_IN];
+        let n = match self.client.sock.peek(&mut buf) {
+            Ok(0) => return Err(invalid("connection closed before the header".into())),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.client.readable = false;
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(len) = pp::announced_len(&buf[..n]).filter(|&len| len > MAX_HEADER_IN) {
+            return Err(invalid(format!("v2 header of {len} bytes is over the {MAX_HEADER_IN}-byte bound")));
+        }
+        let header = match pp::parse(&buf[..n]) {
+            Ok(Some(h)) => h,
+            Ok(None) if n < MAX_HEADER_IN => {
+                // The rest has not arrived: wait for the next edge.
+                self.client.readable = false;
+                return Ok(false);
+            }
+            Ok(None) => return Err(invalid(format!("longer than {MAX_HEADER_IN} bytes"))),
+            Err(e) => return Err(invalid(e.to_string())),
+        };
+        (&self.client.sock).read_exact(&mut buf[..header.len])?;
+        if let pp::Addresses::Proxied { src, dst, .. } = header.addresses {
+            log::debug!("{}: PROXY header says the client is {src}", self.peer);
+            self.peer = crate::unmap(src);
+            self.local = crate::unmap(dst);
+        }
+        Ok(true)
+    }
+}
+
+impl Relaying {
+    /// Moves bytes both ways within the turn's budget: (bytes delivered,
+    /// budget ran out with work left).
+    fn pump(&mut self, client: &mut Side, pool: &mut PipePool) -> io::Result<(usize, bool)> {
+        if !self.flush_header()? {
+            // Payload waits behind the header; backend -> client may still flow.
+            let down = self.down.pump(&mut self.backend, client, pool, BUDGET, false)?;
+            return Ok((down.moved, down.more));
+        }
+        // The direction that finishes second leaves its FIN to the close.
+        let shut = |d: &Direction| d.state() == DirState::WriteShut;
+        let last = shut(&self.down);
+        let up = self.up.pump(client, &mut self.backend, pool, BUDGET, last)?;
+        let last = shut(&self.up);
+        let down = self.down.pump(&mut self.backend, client, pool, BUDGET, last)?;
+        Ok((up.moved + down.moved, up.more || down.more))
+    }
+
+    /// Writes what is left of the PROXY header; true once none is left.
+    fn flush_header(&mut self) -> io::Result<bool> {
+        let Some(h) = self.header.as_mut() else { return Ok(true) };
+        while h.sent < h.len && self.backend.writable {
+            match (&self.backend.sock).write(&h.bytes[h.sent..h.len]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => h.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.backend.writable = false,
+                Err(e) => return Err(e),
+            }
+        }
+        if h.sent < h.len {
+            return Ok(false);
+        }
+        self.header = None;
+        Ok(true)
+    }
+}
+
+/// Starts the backend connect and registers its socket.
+fn start_connect(env: &mut Env<'_>) -> io::Result<Side> {
+    let fd = sys::tcp_connect(env.route.target)?;
+    let mut sock = TcpStream::from_std(std::net::TcpStream::from(fd));
+    env.registry.register(&mut sock, token(Kind::Backend, env.key), INTEREST)?;
+    Ok(Side::new(sock))
+}
+
+/// Checks a pending connect after a writable (or error) edge. A writable
+/// edge with no error or hang-up means the connect completed (a socket in
+/// SYN_SENT never polls writable), so SO_ERROR is read only after an error
+/// or hang-up edge: one syscall fewer per connection.
+fn check_connected(backend: &mut Side) -> io::Result<()> {
+    if !backend.faulted {
+        return Ok(());
+    }
+    match backend.sock.take_error()? {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// A refused or unroutable connect is "unreachable"; anything else (a reset
+/// from a backend that accepted and then closed at once) is an abort.
+fn connect_error(e: io::Error) -> Why {
+    if sys::is_unreachable(&e) { Why::Unreachable(e) } else { Why::Aborted(e) }
 }

@@ -1,13 +1,14 @@
-//! The TCP relay: listeners, the accept loop, and the connections' lives.
+//! The TCP relay: listeners, the accept loop, and the table of connections.
 //!
-//! Every socket is registered once for READABLE | WRITABLE (rule 13); the
-//! readiness seen is kept as flags in [`direction::Side`]. Work cut short by
-//! the per-event byte budget goes on a ready list that the event loop runs
-//! before it sleeps again (rule 4).
+//! A connection's life (PROXY header, connect, relay, close) is in
+//! [`connection`]; this file accepts clients, gives each connection its
+//! turn when its sockets have events, keeps the ready list of connections
+//! whose turn's budget ran out (mio will not report their sockets again),
+//! and accounts for each close. See ARCHITECTURE.md, "TCP".
 
-pub mod connection;
-pub mod direction;
-pub mod pipe_pool;
+pub(crate) mod connection;
+pub(crate) mod direction;
+pub(crate) mod pipe_pool;
 
 use std::collections::HashMap;
 use std::io;
@@ -17,24 +18,20 @@ use std::time::Duration;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry};
 
-use crate::proxy_protocol::{self as pp, Transport, Version};
-use crate::reactor::{Ctx, Kind, fixed_token, token};
+use crate::proxy_protocol::Version;
+use crate::reactor::{Ctx, Kind, fixed_token};
 use crate::slab::{Key, Slab};
 use crate::stats::TcpStats;
 use crate::timer::Timer;
-use connection::{Connection, End, HeaderOut, Phase, Timeouts};
+use connection::{Connection, End, Env, Progress, Route, Timeouts, Why};
 use pipe_pool::PipePool;
 
-/// Bytes one connection may read per wake-up before others get a turn.
-const BUDGET: usize = 4 << 20;
 /// Connections one listener accepts per wake-up before the open connections
 /// get a turn (HAProxy's maxaccept): a burst of new clients is taken in
 /// slices, so established transfers keep moving meanwhile.
 const MAX_ACCEPT: usize = 32;
 /// How long a listener rests after EMFILE/ENFILE/ENOBUFS/ENOMEM before it accepts again.
 const FD_PAUSE: Duration = Duration::from_millis(100);
-/// The longest PROXY header accepted from a client.
-const MAX_HEADER_IN: usize = 1024;
 
 /// Settings shared by every TCP forward.
 #[derive(Clone, Debug)]
@@ -60,10 +57,8 @@ pub struct Listener {
     sock: Option<TcpListener>,
     /// The listening address.
     pub addr: SocketAddr,
-    /// Where connections go.
-    pub target: SocketAddr,
-    send_proxy: Option<Version>,
-    accept_proxy: bool,
+    /// Where connections go, and how.
+    pub(crate) route: Route,
     readable: bool,
     paused: bool,
     /// Accepted sockets come with TCP_NODELAY already set.
@@ -83,8 +78,48 @@ pub struct TcpRelay {
     ready: Vec<Key>,
     /// Listeners left readable after MAX_ACCEPT accepts.
     accept_later: Vec<usize>,
-    per_source: HashMap<IpAddr, u32>,
+    sources: Sources,
     blocked: bool,
+}
+
+/// Open connections per client address, for `--max-connections-per-source`;
+/// untouched when no such limit is set.
+pub(crate) struct Sources {
+    max: usize,
+    open: HashMap<IpAddr, u32>,
+}
+
+impl Sources {
+    /// True when a limit is set, so connections are counted.
+    pub(crate) fn counts(&self) -> bool {
+        self.max != 0
+    }
+
+    /// Counts one more connection from `ip`, unless it is at the limit.
+    pub(crate) fn admit(&mut self, ip: IpAddr) -> bool {
+        if self.max == 0 {
+            return true;
+        }
+        let n = self.open.entry(ip).or_default();
+        if *n as usize >= self.max {
+            if *n == 0 {
+                self.open.remove(&ip);
+            }
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Counts one connection from `ip` fewer.
+    pub(crate) fn release(&mut self, ip: IpAddr) {
+        if let Some(n) = self.open.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.open.remove(&ip);
+            }
+        }
+    }
 }
 
 impl TcpRelay {
@@ -94,10 +129,10 @@ impl TcpRelay {
             listeners: Vec::new(),
             conns: Default::default(),
             pool: PipePool::new(settings.pipe_size, settings.pipe_spare),
-            settings,
             ready: Vec::new(),
             accept_later: Vec::new(),
-            per_source: HashMap::new(),
+            sources: Sources { max: settings.max_per_source, open: HashMap::new() },
+            settings,
             blocked: false,
         }
     }
@@ -115,14 +150,14 @@ impl TcpRelay {
         let addr = sock.local_addr()?;
         // Accepted sockets inherit TCP_NODELAY: one setsockopt per listener, not per client.
         let nodelay_inherited = crate::sys::set_nodelay(std::os::fd::AsFd::as_fd(&sock)).is_ok();
+        // Urgent bytes stay in band on accepted sockets (ARCHITECTURE.md, "Urgent data").
+        crate::sys::set_oob_inline(std::os::fd::AsFd::as_fd(&sock))?;
         let mut sock = TcpListener::from_std(sock);
         registry.register(&mut sock, fixed_token(Kind::Listener, self.listeners.len()), Interest::READABLE)?;
         self.listeners.push(Listener {
             sock: Some(sock),
             addr,
-            target,
-            send_proxy,
-            accept_proxy,
+            route: Route { target, send_proxy, accept_proxy },
             readable: true,
             paused: false,
             nodelay_inherited,
@@ -208,85 +243,40 @@ impl TcpRelay {
 
     /// Sets up a relayed connection for a freshly accepted client.
     fn open(&mut self, idx: usize, client: TcpStream, peer: SocketAddr, ctx: &mut Ctx<'_>) {
-        let peer = unmap(peer);
+        let peer = crate::unmap(peer);
         let l = &mut self.listeners[idx];
         l.stats.total += 1;
-        if l.accept_proxy && !self.settings.trusted.iter().any(|c| c.contains(peer.ip())) {
+        if l.route.accept_proxy && !self.settings.trusted.iter().any(|c| c.contains(peer.ip())) {
             log::debug!("{peer}: not a trusted proxy; refused");
             l.stats.refused += 1;
             crate::sys::set_linger_zero(std::os::fd::AsFd::as_fd(&client));
             return;
         }
-        let max_src = self.settings.max_per_source;
-        if max_src != 0 && self.per_source.get(&peer.ip()).copied().unwrap_or(0) as usize >= max_src {
-            log::debug!("{peer}: {max_src} connections from this address already; refused");
-            l.stats.refused += 1;
-            crate::sys::set_linger_zero(std::os::fd::AsFd::as_fd(&client));
-            return;
-        }
         // The address the client used matters only to a PROXY header.
-        let local = match l.send_proxy {
-            Some(_) => client.local_addr().map(unmap).unwrap_or(l.addr),
+        let local = match l.route.send_proxy {
+            Some(_) => client.local_addr().map(crate::unmap).unwrap_or(l.addr),
             None => l.addr,
         };
-        // TCP_NODELAY on both sockets (rule 10); SPLICE_F_MORE is never used.
         if !l.nodelay_inherited {
             let _ = client.set_nodelay(true);
         }
-        let backend = match TcpStream::connect(l.target) {
-            Ok(b) => b,
-            Err(e) => {
-                log::warn!("{peer} -> {}: cannot connect: {e}", l.target);
-                l.stats.failed += 1;
-                crate::sys::set_linger_zero(std::os::fd::AsFd::as_fd(&client));
-                if crate::sys::out_of_resources(&e) && !l.paused {
-                    // Out of fds: rest like an accept EMFILE rather than reset every client.
-                    l.paused = true;
-                    ctx.timers.add(ctx.now + FD_PAUSE, Timer::Listener(idx));
-                }
-                return;
-            }
-        };
         let key = self.conns.vacant_key();
-        let mut conn = Connection::new(idx, client, backend, peer, local, self.settings.splice, ctx.now);
-        conn.awaiting_header = l.accept_proxy;
-        let reg = ctx
-            .registry
-            .register(&mut conn.client.sock, token(Kind::Client, key), Interest::READABLE | Interest::WRITABLE)
-            .and_then(|_| {
-                ctx.registry.register(
-                    &mut conn.backend.sock,
-                    token(Kind::Backend, key),
-                    Interest::READABLE | Interest::WRITABLE,
-                )
-            });
-        if let Err(e) = reg {
-            log::warn!("{peer}: cannot register sockets: {e}");
+        let mut conn = Connection::new(idx, client, peer, local, ctx.now);
+        if let Err(e) = conn.register(ctx.registry, key) {
+            log::warn!("{peer}: cannot register the socket: {e}");
             conn.close(&mut self.pool, true);
             return;
         }
         l.stats.open += 1;
-        *self.per_source.entry(peer.ip()).or_default() += 1;
-        log::debug!("{peer} -> {}: connecting to {}", l.addr, l.target);
-        schedule(&mut conn, key, &self.settings.timeouts, ctx);
+        log::debug!("{peer} -> {}: accepted", l.addr);
         self.conns.insert(conn);
+        self.advance(key, ctx);
     }
 
     /// Readiness on one of a connection's sockets.
     pub(crate) fn conn_event(&mut self, kind: Kind, key: Key, ev: &mio::event::Event, ctx: &mut Ctx<'_>) {
         let Some(conn) = self.conns.get_mut(key) else { return };
-        let side = if kind == Kind::Client { &mut conn.client } else { &mut conn.backend };
-        // Read to EOF before interpreting a hang-up (rule 7): every hang-up or
-        // error just marks the socket ready; the next syscall reports it.
-        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-            side.readable = true;
-        }
-        if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
-            side.writable = true;
-        }
-        if ev.is_error() || ev.is_write_closed() || ev.is_read_closed() {
-            side.faulted = true;
-        }
+        conn.note(kind == Kind::Backend, ev);
         self.advance(key, ctx);
     }
 
@@ -306,96 +296,101 @@ impl TcpRelay {
     pub(crate) fn conn_timer(&mut self, key: Key, ctx: &mut Ctx<'_>) {
         let Some(conn) = self.conns.get_mut(key) else { return };
         conn.timer_at = None;
-        let Some(deadline) = conn.deadline(&self.settings.timeouts) else { return };
-        if deadline > ctx.now {
-            schedule(conn, key, &self.settings.timeouts, ctx);
-            return;
+        match conn.expired(&self.settings.timeouts, ctx.now) {
+            Some(why) => self.finish(key, End::Reset(why), ctx),
+            // Activity moved the deadline later: set a timer for it.
+            None => schedule(conn, key, &self.settings.timeouts, ctx),
         }
-        let l = &mut self.listeners[conn.listener];
-        match conn.phase {
-            Phase::Connecting => {
-                log::warn!("{} -> {}: connect timed out", conn.peer, l.target);
-                l.stats.failed += 1;
-            }
-            _ if conn.awaiting_header => log::info!("{}: no PROXY header in time; closed", conn.peer),
-            _ => log::debug!("{}: idle or half-closed too long; closed", conn.peer),
-        }
-        self.close(key, true);
     }
 
-    /// Moves a connection as far as its readiness allows.
+    /// Gives a connection its turn: moves it as far as its readiness and
+    /// the turn's budget allow.
     fn advance(&mut self, key: Key, ctx: &mut Ctx<'_>) {
         let Some(conn) = self.conns.get_mut(key) else { return };
-        if conn.awaiting_header && conn.client.readable {
-            match read_proxy_header(conn) {
-                Ok(true) => conn.awaiting_header = false,
-                Ok(false) => {}
-                Err(e) => {
-                    log::info!("{}: bad PROXY header: {e}; closed", conn.peer);
-                    return self.close(key, true);
-                }
-            }
-        }
-        if conn.phase == Phase::Connecting && conn.backend.writable {
-            match conn.check_connected() {
-                Ok(()) => {
-                    conn.phase = Phase::Connected;
-                    let _ = conn.backend.sock.set_nodelay(true);
-                }
-                Err(e) => {
-                    let l = &mut self.listeners[conn.listener];
-                    log::warn!("{} -> {}: backend unreachable: {e}", conn.peer, l.target);
-                    l.stats.failed += 1;
-                    // The client sees a reset at once, not an empty reply.
-                    return self.close(key, true);
-                }
-            }
-        }
-        if conn.phase == Phase::Connected && !conn.awaiting_header {
-            conn.phase = Phase::Relaying;
-            if let Some(v) = self.listeners[conn.listener].send_proxy {
-                let mut h = HeaderOut { bytes: [0; pp::MAX_ENCODED_LEN], left: 0, len: 0 };
-                h.len = pp::encode(v, Transport::Stream, conn.peer, conn.local, &mut h.bytes);
-                h.left = h.len;
-                conn.header_out = Some(Box::new(h));
-            }
-        }
-        match conn.drive(&mut self.pool, BUDGET, ctx.now) {
-            Ok(more) => {
-                if more {
-                    self.ready.push(key);
-                }
+        let mut env = Env {
+            pool: &mut self.pool,
+            registry: ctx.registry,
+            key,
+            route: &self.listeners[conn.listener].route,
+            sources: &mut self.sources,
+            splice: self.settings.splice,
+            now: ctx.now,
+        };
+        match conn.drive(&mut env) {
+            Progress::Waiting => schedule(conn, key, &self.settings.timeouts, ctx),
+            Progress::Yielded => {
+                self.ready.push(key);
                 schedule(conn, key, &self.settings.timeouts, ctx);
             }
-            Err(End::Done) => self.close(key, false),
-            Err(End::Abort(e)) => {
-                log::debug!("{}: aborted: {e}", conn.peer);
-                self.close(key, true)
-            }
+            Progress::Closed(end) => self.finish(key, end, ctx),
         }
     }
 
-    /// Ends a connection; `reset` sends RST both ways instead of a clean close.
-    fn close(&mut self, key: Key, reset: bool) {
+    /// Removes a connection that ended: logs why, counts it, and closes its
+    /// sockets (with a reset unless it ended cleanly).
+    fn finish(&mut self, key: Key, end: End, ctx: &mut Ctx<'_>) {
         let Some(conn) = self.conns.remove(key) else { return };
+        let (up, down) = conn.bytes();
         let l = &mut self.listeners[conn.listener];
         l.stats.open = l.stats.open.saturating_sub(1);
-        l.stats.bytes_up += conn.up.bytes;
-        l.stats.bytes_down += conn.down.bytes;
-        if let Some(n) = self.per_source.get_mut(&conn.source) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_source.remove(&conn.source);
-            }
+        l.stats.bytes_up += up;
+        l.stats.bytes_down += down;
+        if let Some(ip) = conn.source {
+            self.sources.release(ip);
         }
-        log::debug!(
-            "{} closed{}: {} bytes up, {} bytes down",
-            conn.peer,
-            if reset { " (reset)" } else { "" },
-            conn.up.bytes,
-            conn.down.bytes
-        );
+        let (peer, target) = (conn.peer, l.route.target);
+        let reset = match end {
+            End::Done => {
+                log::debug!("{peer} closed: {up} bytes up, {down} bytes down");
+                false
+            }
+            End::Reset(why) => {
+                match why {
+                    Why::BadHeader(e) => log::info!("{peer}: bad PROXY header: {e}; closed"),
+                    Why::HeaderTimeout => log::info!("{peer}: no PROXY header in time; closed"),
+                    Why::SourceLimit => {
+                        log::debug!("{peer}: {} connections from this address already; refused", self.sources.max);
+                        l.stats.refused += 1;
+                    }
+                    Why::CannotConnect(e) => {
+                        log::warn!("{peer} -> {target}: cannot connect: {e}");
+                        l.stats.failed += 1;
+                        if crate::sys::out_of_resources(&e) && !l.paused {
+                            // Out of fds: rest like an accept EMFILE rather than reset every client.
+                            l.paused = true;
+                            ctx.timers.add(ctx.now + FD_PAUSE, Timer::Listener(conn.listener));
+                        }
+                    }
+                    Why::Unreachable(e) => {
+                        log::warn!("{peer} -> {target}: backend unreachable: {e}");
+                        l.stats.failed += 1;
+                    }
+                    Why::ConnectTimeout => {
+                        log::warn!("{peer} -> {target}: connect timed out");
+                        l.stats.failed += 1;
+                    }
+                    Why::Aborted(e) => log::debug!("{peer}: aborted: {e}"),
+                    Why::Idle => log::debug!("{peer}: idle too long; closed"),
+                    Why::HalfClosedIdle => log::debug!("{peer}: half-closed and idle too long; closed"),
+                    Why::Shutdown => {}
+                }
+                log::debug!("{peer} closed (reset): {up} bytes up, {down} bytes down");
+                true
+            }
+        };
         conn.close(&mut self.pool, reset);
+    }
+
+    /// Resets every open connection: the relay is exiting, and a FIN would
+    /// tell a client or backend that a cut-short transfer was complete.
+    pub(crate) fn reset_all(&mut self, ctx: &mut Ctx<'_>) {
+        let keys: Vec<Key> = self.conns.iter().map(|(k, _)| k).collect();
+        if !keys.is_empty() {
+            log::info!("resetting {} open connections", keys.len());
+        }
+        for key in keys {
+            self.finish(key, End::Reset(Why::Shutdown), ctx);
+        }
     }
 
     /// Resumes accepting if the connection limit had stopped it.
@@ -413,7 +408,8 @@ impl TcpRelay {
         self.conns
             .iter()
             .filter(|(_, c)| c.listener == listener)
-            .fold((0, 0), |(u, d), (_, c)| (u + c.up.bytes, d + c.down.bytes))
+            .map(|(_, c)| c.bytes())
+            .fold((0, 0), |(u, d), (cu, cd)| (u + cu, d + cd))
     }
 }
 
@@ -425,50 +421,5 @@ fn schedule(conn: &mut Connection, key: Key, t: &Timeouts, ctx: &mut Ctx<'_>) {
             conn.timer_at = Some(d);
             ctx.timers.add(d, Timer::Conn(key));
         }
-    }
-}
-
-/// Reads the client's PROXY header: `Ok(true)` once consumed, `Ok(false)` if
-/// more bytes are needed. The addresses it carries replace the socket's.
-fn read_proxy_header(conn: &mut Connection) -> io::Result<bool> {
-    use std::io::Read;
-    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
-    let mut buf = [0u8; MAX_HEADER_IN];
-    let n = match conn.client.sock.peek(&mut buf) {
-        Ok(0) => return Err(invalid("connection closed before the header".into())),
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            conn.client.readable = false;
-            return Ok(false);
-        }
-        Err(e) => return Err(e),
-    };
-    let header = match pp::parse(&buf[..n]) {
-        Ok(Some(h)) => h,
-        Ok(None) if n < MAX_HEADER_IN => {
-            // The rest has not arrived: wait for the next edge.
-            conn.client.readable = false;
-            return Ok(false);
-        }
-        Ok(None) => return Err(invalid(format!("longer than {MAX_HEADER_IN} bytes"))),
-        Err(e) => return Err(invalid(e.to_string())),
-    };
-    (&conn.client.sock).read_exact(&mut buf[..header.len])?;
-    if let pp::Addresses::Proxied { src, dst, .. } = header.addresses {
-        log::debug!("{}: PROXY header says the client is {src}", conn.peer);
-        conn.peer = unmap(src);
-        conn.local = unmap(dst);
-    }
-    Ok(true)
-}
-
-/// Shows an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) as plain IPv4 (rule 12).
-pub fn unmap(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-            None => addr,
-        },
-        v4 => v4,
     }
 }

@@ -1,7 +1,9 @@
-//! Pipes lent to connections only while bytes are in flight (DATAPATH rule 8).
+//! Pipes (and copy buffers) lent to connections only while bytes are in flight.
 //!
 //! A pipe comes back to the pool empty (a pipe still holding data is closed,
-//! never pooled), and the pool keeps at most `max_spare` of them.
+//! never pooled), and the pool keeps at most `max_spare` of them. Copy
+//! buffers, used when no pipe can be had or splice is off, are pooled the
+//! same way, so a copying transfer does not allocate per burst.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -32,9 +34,13 @@ impl Pipe {
     }
 }
 
+/// Size of a copy buffer.
+pub(crate) const COPY_BUF: usize = 16 * 1024;
+
 /// Spare empty pipes and the settings to make new ones.
 pub struct PipePool {
     spare: Vec<Pipe>,
+    spare_bufs: Vec<Box<[u8]>>,
     max_spare: usize,
     size: usize,
     lent: usize,
@@ -45,7 +51,15 @@ pub struct PipePool {
 impl PipePool {
     /// A pool making pipes of `size` bytes and keeping up to `max_spare` idle ones.
     pub fn new(size: usize, max_spare: usize) -> Self {
-        PipePool { spare: Vec::new(), max_spare, size, lent: 0, warned_size: false, warned_create: false }
+        PipePool {
+            spare: Vec::new(),
+            spare_bufs: Vec::new(),
+            max_spare,
+            size,
+            lent: 0,
+            warned_size: false,
+            warned_create: false,
+        }
     }
 
     /// Lends an empty pipe, making one if none is spare. `None` when the
@@ -74,6 +88,18 @@ impl PipePool {
         self.lent -= 1;
         if empty && self.spare.len() < self.max_spare {
             self.spare.push(pipe);
+        }
+    }
+
+    /// Lends a copy buffer, allocating one only if none is spare.
+    pub(crate) fn take_buf(&mut self) -> Box<[u8]> {
+        self.spare_bufs.pop().unwrap_or_else(|| vec![0; COPY_BUF].into_boxed_slice())
+    }
+
+    /// Takes back a copy buffer (its contents are overwritten before use).
+    pub(crate) fn give_buf(&mut self, buf: Box<[u8]>) {
+        if self.spare_bufs.len() < self.max_spare {
+            self.spare_bufs.push(buf);
         }
     }
 

@@ -17,8 +17,8 @@ use crate::reactor::{Ctx, Kind, fixed_token, token};
 use crate::slab::{Key, Slab};
 use crate::stats::UdpStats;
 use crate::sys::mmsg::{BATCH, Batch, Gso, Out, PktInfo};
-use crate::tcp::unmap;
 use crate::timer::Timer;
+use crate::unmap;
 use flow_table::FlowTable;
 
 /// Settings shared by every UDP forward.
