@@ -87,6 +87,30 @@ impl fmt::Display for StartError {
     }
 }
 
+/// How many characters of a user's text an error message quotes.
+const QUOTE_MAX: usize = 60;
+
+/// `text` in double quotes for an error message, cut to 60 characters
+/// (`"abc"...` when cut), so a 10 MB line never lands on stderr whole.
+pub fn quote(text: &str) -> String {
+    let (head, cut) = clip(text, QUOTE_MAX);
+    format!("{head:?}{}", if cut { "..." } else { "" })
+}
+
+/// Like [`quote`], in clap's single quotes.
+pub fn quote_single(text: &str) -> String {
+    let (head, cut) = clip(text, QUOTE_MAX);
+    format!("'{head}'{}", if cut { "..." } else { "" })
+}
+
+/// The first `max` characters of `text`, and whether anything was cut.
+pub fn clip(text: &str, max: usize) -> (&str, bool) {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => (&text[..at], true),
+        None => (text, false),
+    }
+}
+
 /// Resolves a host name to an address (the real one asks the system resolver).
 pub type Resolver<'a> = &'a dyn Fn(&str) -> Result<IpAddr, String>;
 
@@ -230,7 +254,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 10s, 5m, 1h)"))?;
+    let not_a_duration = || format!("{s:?} is not a duration (e.g. 500ms, 10s, 5m, 1h)");
+    if !unit.chars().all(|c| c.is_ascii_alphabetic()) {
+        return Err(not_a_duration());
+    }
+    let n: u64 = num.parse().map_err(|_| not_a_duration())?;
     let d = match unit {
         "ms" => Duration::from_millis(n),
         "" | "s" => Duration::from_secs(n),
@@ -246,7 +274,11 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: usize = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 65536, 256K, 1M)"))?;
+    let not_a_size = || format!("{s:?} is not a size (e.g. 65536, 256K, 1M)");
+    if !unit.chars().all(|c| c.is_ascii_alphabetic()) {
+        return Err(not_a_size());
+    }
+    let n: usize = num.parse().map_err(|_| not_a_size())?;
     let mult = match unit {
         "" => 1,
         "k" | "K" | "KiB" => 1 << 10,

@@ -197,9 +197,8 @@ pub fn native_options(env: Option<OsString>) -> Result<crate::cli::Args, StartEr
         return Ok(crate::cli::Args::defaults());
     }
     let words = std::iter::once("splice-relay".to_string()).chain(text.split_whitespace().map(String::from));
-    let args = crate::cli::Args::try_parse_from(words).map_err(|e| {
-        StartError::Runtime(format!("SPLICE_RELAY_OPTS: {}", e.to_string().lines().next().unwrap_or("")))
-    })?;
+    let args = crate::cli::Args::try_parse_from(words)
+        .map_err(|e| StartError::Runtime(format!("SPLICE_RELAY_OPTS: {}", crate::cli::clap_error_line(&e))))?;
     if !args.forwards.is_empty() || !args.config.is_empty() {
         return Err(StartError::Runtime("SPLICE_RELAY_OPTS takes options only, not forwards".into()));
     }

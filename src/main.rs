@@ -1,22 +1,36 @@
 //! Entry point: argv -> config, logging, run, exit status (fd 3 in docker mode).
 
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
 use std::process::ExitCode;
 
 use clap::Parser;
-use splice_relay::cli::Args;
+use splice_relay::cli::{self, Args};
 use splice_relay::config::{StartError, system_resolver};
 use splice_relay::{docker, sys};
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args_os().skip(1).map(|a| a.to_string_lossy().into_owned()).collect();
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let args = match utf8_args(argv.iter().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("splice-relay: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if docker::is_docker_args(&args) {
         return docker_main(&args);
     }
-    let args = match Args::try_parse() {
+    let args = match Args::try_parse_from(&argv) {
         Ok(a) => a,
-        Err(e) => {
+        // --help and --version: their text on stdout.
+        Err(e) if !e.use_stderr() => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("splice-relay: {}", cli::clap_error_line(&e));
+            return ExitCode::from(2);
         }
     };
     let result = args.into_config(&system_resolver).and_then(|config| {
@@ -29,6 +43,20 @@ fn main() -> ExitCode {
         start(&config, None, || {})
     });
     finish(result)
+}
+
+/// The arguments as text, or an error naming the first that is not UTF-8.
+fn utf8_args<'a>(args: impl Iterator<Item = &'a OsString>) -> Result<Vec<String>, String> {
+    args.enumerate()
+        .map(|(i, a)| {
+            a.to_str().map(String::from).ok_or_else(|| {
+                let bytes = a.as_bytes();
+                let (head, more) = bytes.split_at(bytes.len().min(60));
+                let more = if more.is_empty() { "" } else { "..." };
+                format!("argument {} is not UTF-8 text: \"{}\"{more}", i + 1, head.escape_ascii())
+            })
+        })
+        .collect()
 }
 
 /// Docker mode: docker-proxy's flags, errors reported through fd 3.

@@ -1,0 +1,116 @@
+//! Start-up errors through the real binary: the exit status, and stderr,
+//! which holds exactly one line `splice-relay: <message>` for a mistake.
+mod common;
+use common::*;
+use std::ffi::OsStr;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::Duration;
+
+/// How a run ended: the exit code (None: still running after 10 s, then
+/// killed), stdout and stderr.
+struct Outcome {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs the binary with `args` (no RUST_LOG) and waits for it to exit, at
+/// most 10 s. Output is read as it comes, so a huge one cannot block it.
+fn run<S: AsRef<OsStr>>(args: &[S]) -> Outcome {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn relay");
+    let read_all = |mut r: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let stdout = read_all(Box::new(child.stdout.take().unwrap()));
+    let stderr = read_all(Box::new(child.stderr.take().unwrap()));
+    let mut code = None;
+    let exited = wait_until(Duration::from_secs(10), || match child.try_wait() {
+        Ok(Some(st)) => {
+            code = st.code();
+            true
+        }
+        _ => false,
+    });
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    Outcome { code, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
+}
+
+/// Asserts that `args` exit with `code` and print exactly `splice-relay: {line}`.
+fn expect_error<S: AsRef<OsStr> + std::fmt::Debug>(args: &[S], code: i32, line: &str) {
+    let out = run(args);
+    assert_eq!(out.code, Some(code), "{args:?}: stderr {:?}", out.stderr);
+    assert_eq!(out.stderr, format!("splice-relay: {line}\n"), "{args:?}");
+    assert_eq!(out.stdout, "", "{args:?}");
+}
+
+/// A forward that parses (nothing listens on the target; each case fails before it matters).
+const FWD: &str = "127.0.0.1:1=127.0.0.1:2";
+
+#[test]
+fn clap_errors_are_one_line() {
+    expect_error(
+        &["--idle-timeout", "1.5s", FWD],
+        2,
+        r#"invalid value '1.5s' for '--idle-timeout <DURATION>': "1.5s" is not a duration (e.g. 500ms, 10s, 5m, 1h)"#,
+    );
+    expect_error(
+        &["--pipe-size", "1T", FWD],
+        2,
+        r#"invalid value '1T' for '--pipe-size <BYTES>': "1T": unknown unit "T" (use K or M)"#,
+    );
+    expect_error(
+        &["--max-connections", "-1", FWD],
+        2,
+        "invalid value '-1' for '--max-connections <N>': invalid digit found in string",
+    );
+    expect_error(&["--bogus", FWD], 2, "unexpected argument '--bogus' found (see --help)");
+    expect_error(&["--ipv6-only=yes", FWD], 2, "unexpected value 'yes' for '--ipv6-only' found; no more were expected");
+    expect_error(
+        &[FWD, "--connect-timeout"],
+        2,
+        "a value is required for '--connect-timeout <DURATION>' but none was supplied",
+    );
+}
+
+#[test]
+fn a_non_utf8_argument_is_named() {
+    let bad = OsStr::from_bytes(b"\xff");
+    expect_error(&[bad], 2, r#"argument 1 is not UTF-8 text: "\xff""#);
+    expect_error(
+        &[OsStr::new(FWD), OsStr::new("-c"), OsStr::from_bytes(b"relay\xfe.conf")],
+        2,
+        r#"argument 3 is not UTF-8 text: "relay\xfe.conf""#,
+    );
+    // Docker mode too (its flags are picked out of the same text).
+    expect_error(&[OsStr::new("-proto"), bad], 2, r#"argument 2 is not UTF-8 text: "\xff""#);
+}
+
+#[test]
+fn help_and_version_go_to_stdout() {
+    let out = run(&["--help"]);
+    assert_eq!(out.code, Some(0), "stderr {:?}", out.stderr);
+    assert_eq!(out.stderr, "");
+    assert!(out.stdout.contains("Usage: splice-relay [OPTIONS] [FORWARD]..."), "{}", out.stdout);
+    assert!(out.stdout.contains("--stats-interval <DURATION>"), "{}", out.stdout);
+    let out = run(&["--version"]);
+    assert_eq!(out.code, Some(0), "stderr {:?}", out.stderr);
+    assert_eq!(out.stdout, format!("splice-relay {}\n", env!("CARGO_PKG_VERSION")));
+    assert_eq!(out.stderr, "");
+}
