@@ -249,43 +249,56 @@ pub fn parse_config(name: &str, text: &str, resolve: Resolver<'_>) -> Result<Vec
     Ok(out)
 }
 
-/// Parses a duration: `250ms`, `10s`, `5m`, `1h`, or plain seconds.
+/// The longest duration an option takes: 3650 days (about 10 years), far
+/// from where `Instant + Duration` overflows.
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+
+/// The largest size an option takes: 1 GiB (socket options take a C int).
+pub const MAX_SIZE: usize = 1 << 30;
+
+/// Parses a duration: `250ms`, `10s`, `5m`, `1h`, or plain seconds, at most
+/// [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let not_a_duration = || format!("{s:?} is not a duration (e.g. 500ms, 10s, 5m, 1h)");
-    if !unit.chars().all(|c| c.is_ascii_alphabetic()) {
-        return Err(not_a_duration());
+    if num.is_empty() || !unit.chars().all(|c| c.is_ascii_alphabetic()) {
+        return Err(format!("{s:?} is not a duration (e.g. 500ms, 10s, 5m, 1h)"));
     }
-    let n: u64 = num.parse().map_err(|_| not_a_duration())?;
+    let too_long = || format!("{s:?} is too long (at most {} days)", MAX_DURATION.as_secs() / 86_400);
+    // All digits: only overflow makes the parse fail.
+    let n: u64 = num.parse().map_err(|_| too_long())?;
+    let secs = |per: u64| n.checked_mul(per).map(Duration::from_secs).ok_or_else(too_long);
     let d = match unit {
         "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "" | "s" => secs(1)?,
+        "m" => secs(60)?,
+        "h" => secs(3600)?,
         _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     };
+    if d > MAX_DURATION {
+        return Err(too_long());
+    }
     Ok(d)
 }
 
-/// Parses a size in bytes: `65536`, `64K`, `1M` (binary units).
+/// Parses a size in bytes: `65536`, `64K`, `1M` (binary units), at most [`MAX_SIZE`].
 pub fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let not_a_size = || format!("{s:?} is not a size (e.g. 65536, 256K, 1M)");
-    if !unit.chars().all(|c| c.is_ascii_alphabetic()) {
-        return Err(not_a_size());
+    if num.is_empty() || !unit.chars().all(|c| c.is_ascii_alphabetic()) {
+        return Err(format!("{s:?} is not a size (e.g. 65536, 256K, 1M)"));
     }
-    let n: usize = num.parse().map_err(|_| not_a_size())?;
+    let too_large = || format!("{s:?} is too large (at most {}M)", MAX_SIZE >> 20);
+    let n: usize = num.parse().map_err(|_| too_large())?;
     let mult = match unit {
         "" => 1,
         "k" | "K" | "KiB" => 1 << 10,
         "m" | "M" | "MiB" => 1 << 20,
         _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K or M)")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult).filter(|&b| b <= MAX_SIZE).ok_or_else(too_large)
 }
 
 #[cfg(test)]
@@ -370,6 +383,23 @@ mod tests {
         assert_eq!(parse_size("256K"), Ok(262144));
         assert_eq!(parse_size("1M"), Ok(1 << 20));
         assert!(parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn durations_and_sizes_have_a_ceiling() {
+        let ten_years = Duration::from_secs(3650 * 86_400);
+        assert_eq!(parse_duration("87600h"), Ok(ten_years));
+        assert_eq!(parse_duration("315360000000ms"), Ok(ten_years));
+        let too_long = |s: &str| Err(format!("{s:?} is too long (at most 3650 days)"));
+        for s in ["87601h", "315360001", "3000000000000000h", "99999999999999999999h", "18446744073709551615m"] {
+            assert_eq!(parse_duration(s), too_long(s));
+        }
+        assert_eq!(parse_duration("1.5s"), Err(r#""1.5s" is not a duration (e.g. 500ms, 10s, 5m, 1h)"#.into()));
+        assert_eq!(parse_size("1024M"), Ok(1 << 30));
+        let too_large = |s: &str| Err(format!("{s:?} is too large (at most 1024M)"));
+        for s in ["1025M", "1073741825", "18446744073709551616", "18014398509481984K"] {
+            assert_eq!(parse_size(s), too_large(s));
+        }
     }
 
     #[test]

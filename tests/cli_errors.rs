@@ -114,3 +114,43 @@ fn help_and_version_go_to_stdout() {
     assert_eq!(out.stdout, format!("splice-relay {}\n", env!("CARGO_PKG_VERSION")));
     assert_eq!(out.stderr, "");
 }
+
+/// Every duration option.
+const DURATION_OPTIONS: [&str; 7] = [
+    "--connect-timeout",
+    "--idle-timeout",
+    "--half-close-timeout",
+    "--drain-timeout",
+    "--udp-timeout",
+    "--proxy-header-timeout",
+    "--stats-interval",
+];
+
+/// A forward on a free port that would start (a backend need not exist).
+fn startable_forward() -> String {
+    format!("both:127.0.0.1:{}=127.0.0.1:{}", free_port(), free_port())
+}
+
+#[test]
+fn huge_durations_are_refused() {
+    let fwd = startable_forward();
+    for opt in DURATION_OPTIONS {
+        for value in ["3000000000000000h", "87601h", "99999999999999999999h"] {
+            expect_error(
+                &[opt, value, &fwd],
+                2,
+                &format!("invalid value '{value}' for '{opt} <DURATION>': \"{value}\" is too long (at most 3650 days)"),
+            );
+        }
+    }
+    expect_error(
+        &["--pipe-size", "2G", &fwd],
+        2,
+        r#"invalid value '2G' for '--pipe-size <BYTES>': "2G": unknown unit "G" (use K or M)"#,
+    );
+    expect_error(
+        &["--udp-rcvbuf", "4096M", &fwd],
+        2,
+        r#"invalid value '4096M' for '--udp-rcvbuf <BYTES>': "4096M" is too large (at most 1024M)"#,
+    );
+}
