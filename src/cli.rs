@@ -249,8 +249,20 @@ impl Args {
         if self.udp_max_flows == 0 {
             return Err(StartError::Usage("--udp-max-flows must be at least 1".into()));
         }
-        if self.udp_timeout.is_zero() {
-            return Err(StartError::Usage("--udp-timeout must be more than 0".into()));
+        // 0 turns --idle-timeout, --half-close-timeout and --drain-timeout off;
+        // for these it would mean "at once", over and over.
+        let zero = Duration::is_zero;
+        let must_not_be_zero = [
+            (zero(&self.connect_timeout), "--connect-timeout must be more than 0"),
+            (zero(&self.udp_timeout), "--udp-timeout must be more than 0"),
+            (zero(&self.proxy_header_timeout), "--proxy-header-timeout must be more than 0"),
+            (
+                self.stats_interval.as_ref().is_some_and(zero),
+                "--stats-interval must be more than 0 (leave it out to log only on SIGUSR1)",
+            ),
+        ];
+        if let Some((_, msg)) = must_not_be_zero.iter().find(|(is_zero, _)| *is_zero) {
+            return Err(StartError::Usage(msg.to_string()));
         }
         let level = match (self.verbose as i32) - (self.quiet as i32) {
             i32::MIN..=-2 => log::LevelFilter::Error,
