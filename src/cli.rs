@@ -224,9 +224,7 @@ impl Args {
     pub fn into_config(self, resolve: Resolver<'_>) -> Result<Config, StartError> {
         let mut forwards = Vec::new();
         for path in &self.config {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| StartError::Runtime(format!("cannot read config file {path}: {e}")))?;
-            forwards.extend(config::parse_config(path, &text, resolve)?);
+            forwards.extend(config::parse_config(path, &read_config_file(path)?, resolve)?);
         }
         for f in &self.forwards {
             forwards.extend(config::parse_forward(f, resolve)?);
@@ -236,9 +234,7 @@ impl Args {
             f.accept_proxy |= self.accept_proxy;
         }
         let trusted = match &self.trusted_proxies {
-            Some(s) => {
-                crate::cidr::Cidr::parse_list(s).map_err(|e| StartError::Usage(format!("--trusted-proxies: {e}")))?
-            }
+            Some(s) => trusted_proxies(s)?,
             None => Vec::new(),
         };
         if forwards.iter().any(|f| f.accept_proxy) && trusted.is_empty() {
@@ -300,6 +296,41 @@ impl Args {
             log_level: level,
         })
     }
+}
+
+/// The most a config file may hold; `-c /dev/zero` would otherwise read forever.
+const MAX_CONFIG_BYTES: usize = 16 << 20;
+
+/// Reads a config file: unreadable is a run-time error (exit 1), larger
+/// than [`MAX_CONFIG_BYTES`] a usage error (exit 2).
+fn read_config_file(path: &str) -> Result<Vec<u8>, StartError> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CONFIG_BYTES as u64 + 1).read_to_end(&mut bytes))
+        .map_err(|e| StartError::Runtime(format!("cannot read config file {path}: {e}")))?;
+    if bytes.len() > MAX_CONFIG_BYTES {
+        return Err(StartError::Usage(format!(
+            "cannot read config file {path}: larger than {} MiB",
+            MAX_CONFIG_BYTES >> 20
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Parses --trusted-proxies. An entry longer than any address can be
+/// is named cut short instead of whole.
+fn trusted_proxies(list: &str) -> Result<Vec<crate::cidr::Cidr>, StartError> {
+    let usage = |msg: String| StartError::Usage(format!("--trusted-proxies: {msg}"));
+    list.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            crate::cidr::Cidr::parse(p).map_err(|e| match config::clip(p.trim(), 60) {
+                (_, false) => usage(e),
+                (_, true) => usage(format!("{} is not an address or CIDR range", config::quote(p.trim()))),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
 
-use crate::config::{Forward, Proto, StartError};
+use crate::config::{Forward, Proto, StartError, quote};
 use crate::proxy_protocol::Version;
 
 /// docker-proxy's flags, as dockerd passes them.
@@ -89,7 +89,7 @@ pub fn parse(args: &[String]) -> Result<DockerArgs, String> {
         let value = if is_bool {
             match inline {
                 None => true,
-                Some(v) => parse_go_bool(v).ok_or(format!("invalid boolean value {v:?} for -{name}"))?,
+                Some(v) => parse_go_bool(v).ok_or_else(|| format!("invalid boolean value {} for -{name}", quote(v)))?,
             }
         } else {
             false
@@ -99,8 +99,11 @@ pub fn parse(args: &[String]) -> Result<DockerArgs, String> {
             (false, Some(v)) => v.to_string(),
             (false, None) => it.next().cloned().ok_or(format!("flag needs an argument: -{name}"))?,
         };
-        let ip = |t: &str| t.parse::<IpAddr>().map_err(|_| format!("invalid value {t:?} for flag -{name}: invalid IP"));
-        let int = |t: &str| t.parse::<i64>().map_err(|_| format!("invalid value {t:?} for flag -{name}: parse error"));
+        let ip = |t: &str| {
+            t.parse::<IpAddr>().map_err(|_| format!("invalid value {} for flag -{name}: invalid IP", quote(t)))
+        };
+        let int =
+            |t: &str| t.parse::<i64>().map_err(|_| format!("invalid value {} for flag -{name}: parse error", quote(t)));
         match name {
             "proto" => out.proto = text,
             "host-ip" => out.host_ip = Some(ip(&text)?),
@@ -136,7 +139,7 @@ pub fn forward(
         "sctp" => {
             return Err(StartError::Runtime("proto sctp is not supported (no SCTP in this relay or kernel)".into()));
         }
-        p => return Err(StartError::Runtime(format!("unsupported protocol {p}"))),
+        p => return Err(StartError::Runtime(format!("unsupported protocol {}", quote(p)))),
     };
     let port = |p: i64, what: &str| {
         u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| StartError::Runtime(format!("invalid {what} port {p}")))
@@ -214,7 +217,7 @@ pub fn proxy_ports(env: Option<OsString>) -> Result<Option<Vec<u16>>, StartError
         .map(|p| {
             p.trim()
                 .parse::<u16>()
-                .map_err(|_| StartError::Runtime(format!("SPLICE_RELAY_PROXY_PORTS: bad port {p:?}")))
+                .map_err(|_| StartError::Runtime(format!("SPLICE_RELAY_PROXY_PORTS: bad port {}", quote(p))))
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Some)

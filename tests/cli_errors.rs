@@ -178,3 +178,81 @@ fn zero_is_refused_where_it_cannot_mean_off() {
     expect_error(&["--proxy-header-timeout", "0ms", &fwd], 2, "--proxy-header-timeout must be more than 0");
     expect_error(&["--udp-timeout", "0m", &fwd], 2, "--udp-timeout must be more than 0");
 }
+
+/// A file in the temp directory holding `bytes`, removed on drop.
+struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    fn new(tag: &str, bytes: &[u8]) -> TempFile {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let path = std::env::temp_dir().join(format!("splice-relay-cli-{}-{tag}-{nanos}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        TempFile(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn config_files_are_read_as_bytes_line_by_line() {
+    let junk = TempFile::new("junk", b"# forwards\n127.0.0.1:1=127.0.0.1:2\n\xff\xfe\x00\x01junk\n");
+    expect_error(&["-c", junk.path()], 2, &format!("{}:3: not UTF-8 text", junk.path()));
+
+    let mut long = vec![b'x'; 10 << 20];
+    long.push(b'\n');
+    let long = TempFile::new("long", &long);
+    expect_error(
+        &["-c", long.path()],
+        2,
+        &format!(
+            "{}:1: invalid forward \"{}\"...: expected LISTEN=TARGET, e.g. [::]:8080=127.0.0.1:80",
+            long.path(),
+            "x".repeat(60)
+        ),
+    );
+
+    expect_error(&["-c", "/dev/zero"], 2, "cannot read config file /dev/zero: larger than 16 MiB");
+    expect_error(
+        &["-c", "/nonexistent/relay.conf"],
+        1,
+        "cannot read config file /nonexistent/relay.conf: No such file or directory (os error 2)",
+    );
+}
+
+#[test]
+fn long_values_are_quoted_cut_short() {
+    let fwd = startable_forward();
+    let long = "7".repeat(100) + "x";
+    let cut = "7".repeat(60);
+    expect_error(
+        &["--udp-timeout", &long, &fwd],
+        2,
+        &format!(
+            "invalid value '{cut}'... for '--udp-timeout <DURATION>': \"{cut}\"...: unknown unit \"x\" (use ms, s, m or h)"
+        ),
+    );
+    let long_fwd = format!("127.0.0.1:80={}", "a".repeat(200));
+    expect_error(
+        &[&long_fwd],
+        2,
+        &format!(
+            "invalid forward \"127.0.0.1:80={}\"...: target: \"{}\"... has no :PORT",
+            "a".repeat(47),
+            "a".repeat(60)
+        ),
+    );
+    let long_cidr = "1".repeat(100);
+    expect_error(
+        &["--trusted-proxies", &long_cidr, &fwd],
+        2,
+        &format!("--trusted-proxies: \"{}\"... is not an address or CIDR range", "1".repeat(60)),
+    );
+}
