@@ -34,15 +34,22 @@ fn main() -> ExitCode {
         }
     };
     let result = args.into_config(&system_resolver).and_then(|config| {
-        splice_relay::logging::init(config.log_level, None);
         if config.forwards.is_empty() {
             return Err(StartError::Usage(
                 "nothing to relay: give at least one FORWARD or --config FILE (see --help)".into(),
             ));
         }
+        splice_relay::logging::init(config.log_level, None);
         start(&config, None, || {})
     });
-    finish(result)
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // One plain line, whatever the log level: the log is for the running relay.
+        Err(e) => {
+            eprintln!("splice-relay: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
 }
 
 /// The arguments as text, or an error naming the first that is not UTF-8.
@@ -95,10 +102,18 @@ fn docker_main(args: &[String]) -> ExitCode {
         };
         start(&config, listen_fd, || status.ready())
     })();
-    if let Err(e) = &result {
-        status.failed(&e.to_string());
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // dockerd reads fd 3 (stderr is /dev/null); the log may be a file.
+        Err(e) => {
+            status.failed(&e.to_string());
+            log::error!("{e}");
+            if !log::log_enabled!(log::Level::Error) {
+                eprintln!("splice-relay: {e}");
+            }
+            ExitCode::from(e.exit_code() as u8)
+        }
     }
-    finish(result)
 }
 
 /// Binds, reports readiness, runs until a signal.
@@ -113,17 +128,4 @@ fn start(
     let mut ev = splice_relay::build(config, listen_fd)?;
     ready();
     ev.run().map_err(|e| StartError::Runtime(format!("event loop failed: {e}")))
-}
-
-fn finish(result: Result<(), StartError>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{e}");
-            if !log::log_enabled!(log::Level::Error) {
-                eprintln!("splice-relay: {e}");
-            }
-            ExitCode::from(e.exit_code() as u8)
-        }
-    }
 }

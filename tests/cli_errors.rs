@@ -256,3 +256,20 @@ fn long_values_are_quoted_cut_short() {
         &format!("--trusted-proxies: \"{}\"... is not an address or CIDR range", "1".repeat(60)),
     );
 }
+
+#[test]
+fn start_up_errors_are_one_plain_line() {
+    let nothing = "nothing to relay: give at least one FORWARD or --config FILE (see --help)";
+    expect_error::<&str>(&[], 2, nothing);
+    let comments = TempFile::new("comments", b"# nothing yet\n\n");
+    expect_error(&["-c", comments.path()], 2, nothing);
+    expect_error(&["-v", "-c", comments.path()], 2, nothing);
+
+    // A run-time failure after logging started looks the same.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let fwd = format!("127.0.0.1:{port}=127.0.0.1:9");
+    let in_use = format!("cannot listen on tcp 127.0.0.1:{port}: Address already in use (os error 98)");
+    expect_error(&[&fwd], 1, &in_use);
+    expect_error(&["-qq", &fwd], 1, &in_use);
+}
