@@ -86,6 +86,10 @@ pub fn parse(args: &[String]) -> Result<DockerArgs, String> {
             None => (body, None),
         };
         let is_bool = matches!(name, "use-listen-fd" | "v" | "version");
+        // Like Go's flag package: an unknown name is the error, whatever follows it.
+        if !is_bool && !FLAGS.contains(&name) {
+            return Err(not_defined(name));
+        }
         let value = if is_bool {
             match inline {
                 None => true,
@@ -112,10 +116,16 @@ pub fn parse(args: &[String]) -> Result<DockerArgs, String> {
             "container-port" => out.container_port = int(&text)?,
             "use-listen-fd" => out.use_listen_fd = value,
             "v" | "version" => out.version = value,
-            _ => return Err(format!("flag provided but not defined: -{name}")),
+            _ => return Err(not_defined(name)),
         }
     }
     Ok(out)
+}
+
+/// Go's error for an unknown flag (the name cut to 60 characters).
+fn not_defined(name: &str) -> String {
+    let (head, cut) = crate::config::clip(name, 60);
+    format!("flag provided but not defined: -{head}{}", if cut { "..." } else { "" })
 }
 
 fn parse_go_bool(v: &str) -> Option<bool> {
@@ -264,6 +274,10 @@ mod tests {
     #[test]
     fn bad_flags_are_errors() {
         assert_eq!(parse(&args("-bogus 1")).unwrap_err(), "flag provided but not defined: -bogus");
+        assert_eq!(parse(&args("-host-ip 0.0.0.0 -bogus")).unwrap_err(), "flag provided but not defined: -bogus");
+        assert_eq!(parse(&args("--bogus=1")).unwrap_err(), "flag provided but not defined: -bogus");
+        let long = format!("-{}", "b".repeat(100));
+        assert_eq!(parse(&[long]).unwrap_err(), format!("flag provided but not defined: -{}...", "b".repeat(60)));
         assert!(parse(&args("-host-port")).unwrap_err().contains("needs an argument"));
         assert!(parse(&args("-host-port x")).unwrap_err().contains("invalid value"));
         assert!(parse(&args("-host-ip 1.2.3")).unwrap_err().contains("invalid IP"));

@@ -273,3 +273,17 @@ fn start_up_errors_are_one_plain_line() {
     expect_error(&[&fwd], 1, &in_use);
     expect_error(&["-qq", &fwd], 1, &in_use);
 }
+
+#[test]
+fn docker_mode_names_an_unknown_flag_even_without_a_value() {
+    let usage = splice_relay::docker::USAGE;
+    for args in [
+        &["-proto", "tcp", "-host-ip", "127.0.0.1", "-bogus"][..],
+        &["-bogus", "-proto", "tcp"],
+        &["-host-ip=127.0.0.1", "--bogus=1"],
+    ] {
+        let out = run(args);
+        assert_eq!(out.code, Some(2), "{args:?}: stderr {:?}", head(&out.stderr));
+        assert_eq!(out.stderr, format!("flag provided but not defined: -bogus\n{usage}\n"), "{args:?}");
+    }
+}
