@@ -4,7 +4,7 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use crate::config::{Forward, Proto, StartError, quote};
 use crate::proxy_protocol::Version;
@@ -167,6 +167,31 @@ pub fn forward(
         accept_proxy: false,
         spec: format!("{}:{host_ip}:{host_port}={container_ip}:{container_port}", a.proto),
     })
+}
+
+/// Checks that `fd` (fd 4 of `-use-listen-fd`) suits `forward`: a listening
+/// TCP socket for tcp, a UDP socket for udp, of -host-ip's address family.
+/// Adopting a wrong one would report ready and then fail on every client.
+pub fn check_listen_fd(fd: BorrowedFd<'_>, forward: &Forward) -> Result<(), StartError> {
+    use nix::sys::socket::SockType;
+    let wrong = |what: String| Err(StartError::Runtime(format!("-use-listen-fd: fd 4 {what}")));
+    let (ty, listening) = match crate::sys::socket_kind(fd) {
+        Ok(kind) => kind,
+        Err(e) => return wrong(format!("is not a usable socket: {e}")),
+    };
+    match (ty, forward.proto) {
+        (SockType::Stream, Proto::Tcp) if !listening => return wrong("is a TCP socket that is not listening".into()),
+        (SockType::Stream, Proto::Tcp) | (SockType::Datagram, Proto::Udp) => {}
+        (SockType::Stream, p) => return wrong(format!("is a TCP socket, but -proto is {p}")),
+        (SockType::Datagram, p) => return wrong(format!("is a UDP socket, but -proto is {p}")),
+        (other, _) => return wrong(format!("is a {other:?} socket, not TCP or UDP")),
+    }
+    let family = |a: SocketAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
+    match crate::sys::local_addr(fd) {
+        Ok(local) if local.is_ipv4() == forward.listen.is_ipv4() => Ok(()),
+        Ok(local) => wrong(format!("is an {} socket, but -host-ip is {}", family(local), forward.listen.ip())),
+        Err(e) => wrong(format!("is not an IP socket: {e}")),
+    }
 }
 
 /// The write end of dockerd's status pipe (fd 3).

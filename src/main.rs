@@ -1,6 +1,7 @@
 //! Entry point: argv -> config, logging, run, exit status (fd 3 in docker mode).
 
 use std::ffi::OsString;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::process::ExitCode;
 
@@ -88,18 +89,19 @@ fn docker_main(args: &[String]) -> ExitCode {
         let ports = docker::proxy_ports(std::env::var_os("SPLICE_RELAY_PROXY_PORTS"))?;
         let mut config = opts.into_config(&system_resolver)?;
         splice_relay::logging::init(config.log_level, std::env::var_os("SPLICE_RELAY_LOG"));
-        config.forwards = vec![docker::forward(&flags, send_proxy, ports.as_deref())?];
-        // Docker binds IPv6 host addresses IPv6-only, [::] included.
-        config.ipv6_only = true;
+        let forward = docker::forward(&flags, send_proxy, ports.as_deref())?;
         let listen_fd = if flags.use_listen_fd {
             let fd = sys::inherited_fd(4)
                 .ok_or_else(|| StartError::Runtime("-use-listen-fd given but fd 4 is not open".into()))?;
-            sys::set_nonblocking_cloexec(std::os::fd::AsFd::as_fd(&fd))
-                .map_err(|e| StartError::Runtime(format!("fd 4: {e}")))?;
+            docker::check_listen_fd(fd.as_fd(), &forward)?;
+            sys::set_nonblocking_cloexec(fd.as_fd()).map_err(|e| StartError::Runtime(format!("fd 4: {e}")))?;
             Some(fd)
         } else {
             None
         };
+        config.forwards = vec![forward];
+        // Docker binds IPv6 host addresses IPv6-only, [::] included.
+        config.ipv6_only = true;
         start(&config, listen_fd, || status.ready())
     })();
     match result {

@@ -287,3 +287,119 @@ fn docker_mode_names_an_unknown_flag_even_without_a_value() {
         assert_eq!(out.stderr, format!("flag provided but not defined: -bogus\n{usage}\n"), "{args:?}");
     }
 }
+
+/// Starts the relay as dockerd does, with the status pipe as fd 3 and a
+/// socket as fd 4. argv: KIND HOST PORT RELAY ARGS...; KIND is tcp (listening),
+/// tcp-bound (bound, not listening), udp, or devnull (fd 4 is /dev/null).
+/// Prints `HANDSHAKE hex` (what fd 3 carried until EOF, at most 10 s), then,
+/// after a SIGTERM if the relay said it was ready, `EXIT code` (or
+/// `EXIT timeout` when it ran on for 10 s more, then is killed).
+const FD4_DOCKERD: &str = r#"
+import fcntl, os, select, signal, socket, subprocess, sys, time
+kind, host, port = sys.argv[1:4]
+argv = sys.argv[4:]
+def high(fd):
+    n = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 50)
+    os.close(fd)
+    return n
+if kind == 'devnull':
+    lfd = high(os.open('/dev/null', os.O_RDWR))
+else:
+    fam = socket.AF_INET6 if ':' in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM if kind == 'udp' else socket.SOCK_STREAM)
+    if fam == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((host, int(port)))
+    if kind == 'tcp':
+        s.listen(16)
+    lfd = high(s.detach())
+r, w = os.pipe()
+r, w = high(r), high(w)
+os.dup2(w, 3)
+os.close(w)
+os.dup2(lfd, 4)
+os.close(lfd)
+p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=[3, 4])
+os.close(3)
+os.close(4)
+data, deadline = b'', time.time() + 10
+while time.time() < deadline:
+    ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.time()))
+    if not ready:
+        break
+    chunk = os.read(r, 4096)
+    if not chunk:
+        break
+    data += chunk
+print('HANDSHAKE', data.hex() or '-', flush=True)
+if data == b'0\n':
+    p.send_signal(signal.SIGTERM)
+try:
+    print('EXIT', p.wait(timeout=10), flush=True)
+except subprocess.TimeoutExpired:
+    p.kill()
+    p.wait()
+    print('EXIT timeout', flush=True)
+"#;
+
+/// Runs the relay in docker mode with `-use-listen-fd` and fd 4 of `kind`
+/// bound on `host`; returns (what fd 3 said, the exit status as text).
+fn docker_with_fd4(kind: &str, host: &str, proto: &str, host_ip: &str, env: &[(&str, &str)]) -> (String, String) {
+    let port = free_port().to_string();
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(FD4_DOCKERD)
+        .args([kind, host, &port, BIN])
+        .args(["-proto", proto, "-host-ip", host_ip, "-host-port", &port])
+        .args(["-container-ip", "127.0.0.1", "-container-port", "9", "-use-listen-fd"])
+        .env_remove("RUST_LOG")
+        .env_remove("SPLICE_RELAY_OPTS")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("python3 (needed for the docker-mode tests)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let field = |word: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(word))
+            .unwrap_or_else(|| panic!("no {word} from the fake dockerd: stdout {stdout:?}, stderr {stderr:?}"))
+            .to_string()
+    };
+    let hex = field("HANDSHAKE ");
+    let bytes: Vec<u8> = if hex == "-" {
+        Vec::new()
+    } else {
+        (0..hex.len() / 2).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect()
+    };
+    (String::from_utf8_lossy(&bytes).into_owned(), field("EXIT "))
+}
+
+#[test]
+fn docker_mode_checks_the_kind_of_fd_4() {
+    let cases = [
+        ("tcp", "127.0.0.1", "udp", "127.0.0.1", "fd 4 is a TCP socket, but -proto is udp"),
+        ("udp", "127.0.0.1", "tcp", "127.0.0.1", "fd 4 is a UDP socket, but -proto is tcp"),
+        ("tcp-bound", "127.0.0.1", "tcp", "127.0.0.1", "fd 4 is a TCP socket that is not listening"),
+        ("tcp", "::1", "tcp", "127.0.0.1", "fd 4 is an IPv6 socket, but -host-ip is 127.0.0.1"),
+        ("udp", "127.0.0.1", "udp", "::1", "fd 4 is an IPv4 socket, but -host-ip is ::1"),
+        (
+            "devnull",
+            "-",
+            "tcp",
+            "127.0.0.1",
+            "fd 4 is not a usable socket: Socket operation on non-socket (os error 88)",
+        ),
+    ];
+    for (kind, host, proto, host_ip, why) in cases {
+        let (handshake, exit) = docker_with_fd4(kind, host, proto, host_ip, &[]);
+        assert_eq!(handshake, format!("1\n-use-listen-fd: {why}"), "fd 4 {kind} on {host}, -proto {proto}");
+        assert_eq!(exit, "1", "fd 4 {kind} on {host}, -proto {proto}");
+    }
+    // The right kinds still start (and end on SIGTERM).
+    for (kind, host, proto) in [("tcp", "127.0.0.1", "tcp"), ("udp", "::1", "udp")] {
+        let (handshake, exit) = docker_with_fd4(kind, host, proto, host, &[]);
+        assert_eq!((handshake.as_str(), exit.as_str()), ("0\n", "0"), "fd 4 {kind} on {host}, -proto {proto}");
+    }
+}
