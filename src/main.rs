@@ -87,7 +87,9 @@ fn docker_main(args: &[String]) -> ExitCode {
         let opts = docker::native_options(std::env::var_os("SPLICE_RELAY_OPTS"))?;
         let send_proxy = opts.send_proxy;
         let ports = docker::proxy_ports(std::env::var_os("SPLICE_RELAY_PROXY_PORTS"))?;
-        let mut config = opts.into_config(&system_resolver)?;
+        // Not a usage error here: dockerd expects exit 1 with the reason on fd 3.
+        let mut config =
+            opts.into_config(&system_resolver).map_err(|e| StartError::Runtime(format!("SPLICE_RELAY_OPTS: {e}")))?;
         splice_relay::logging::init(config.log_level, std::env::var_os("SPLICE_RELAY_LOG"));
         let forward = docker::forward(&flags, send_proxy, ports.as_deref())?;
         let listen_fd = if flags.use_listen_fd {

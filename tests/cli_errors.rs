@@ -403,3 +403,17 @@ fn docker_mode_checks_the_kind_of_fd_4() {
         assert_eq!((handshake.as_str(), exit.as_str()), ("0\n", "0"), "fd 4 {kind} on {host}, -proto {proto}");
     }
 }
+
+#[test]
+fn docker_mode_reports_bad_splice_relay_opts_on_fd_3() {
+    let env = [("SPLICE_RELAY_OPTS", "--stats-interval 0s")];
+    let (handshake, exit) = docker_with_fd4("tcp", "127.0.0.1", "tcp", "127.0.0.1", &env);
+    let why = "--stats-interval must be more than 0 (leave it out to log only on SIGUSR1)";
+    assert_eq!(handshake, format!("1\nSPLICE_RELAY_OPTS: {why}"));
+    assert_eq!(exit, "1");
+    let env = [("SPLICE_RELAY_OPTS", "--idle-timeout 99999999999999999999h")];
+    let (handshake, exit) = docker_with_fd4("tcp", "127.0.0.1", "tcp", "127.0.0.1", &env);
+    let why = r#"invalid value '99999999999999999999h' for '--idle-timeout <DURATION>': "99999999999999999999h" is too long (at most 3650 days)"#;
+    assert_eq!(handshake, format!("1\nSPLICE_RELAY_OPTS: {why}"));
+    assert_eq!(exit, "1");
+}
