@@ -417,3 +417,169 @@ fn docker_mode_reports_bad_splice_relay_opts_on_fd_3() {
     assert_eq!(handshake, format!("1\nSPLICE_RELAY_OPTS: {why}"));
     assert_eq!(exit, "1");
 }
+
+/// Every option that takes a number, a duration or a size.
+const NUMERIC_OPTIONS: [&str; 12] = [
+    "--max-connections",
+    "--max-connections-per-source",
+    "--connect-timeout",
+    "--idle-timeout",
+    "--half-close-timeout",
+    "--pipe-size",
+    "--drain-timeout",
+    "--udp-timeout",
+    "--udp-max-flows",
+    "--udp-rcvbuf",
+    "--proxy-header-timeout",
+    "--stats-interval",
+];
+
+/// Values a user might pass by mistake, or at the edge of what is allowed.
+const ODD_VALUES: [&str; 11] = [
+    "0",
+    "-1",
+    "18446744073709551615",
+    "18446744073709551616",
+    "99999999999999999999h",
+    "87600h",
+    "1024M",
+    "1.5s",
+    "",
+    "1T",
+    " ",
+];
+
+/// What the relay did with one odd value: refused it, or ran with it.
+enum Verdict {
+    Refused { code: Option<i32>, stderr: String },
+    Running { relay: std::process::Child, log: std::sync::Arc<std::sync::Mutex<String>> },
+}
+
+/// Starts the relay with `args` and waits (at most 10 s) until it exits or
+/// logs "listening on".
+fn start_or_refuse(args: &[&str]) -> Verdict {
+    use std::io::BufRead;
+    use std::sync::{Arc, Mutex};
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn relay");
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let log2 = log.clone();
+    thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).split(b'\n') {
+            let Ok(line) = line else { break };
+            let mut log = log2.lock().unwrap();
+            if log.len() < 64 << 10 {
+                log.push_str(&String::from_utf8_lossy(&line));
+                log.push('\n');
+            }
+        }
+    });
+    let mut code = None;
+    let mut exited = false;
+    let settled = wait_until(Duration::from_secs(10), || {
+        if let Ok(Some(st)) = child.try_wait() {
+            code = st.code();
+            exited = true;
+        }
+        exited || log.lock().unwrap().contains("listening on")
+    });
+    assert!(settled, "{args:?}: neither exited nor listening after 10 s: {:?}", head(&log.lock().unwrap()));
+    if exited {
+        // Let the reader thread take the last of stderr.
+        wait_until(Duration::from_secs(10), || Arc::strong_count(&log) == 1);
+        let stderr = log.lock().unwrap().clone();
+        return Verdict::Refused { code, stderr };
+    }
+    Verdict::Running { relay: child, log }
+}
+
+/// Bytes through the relay at `addr` over TCP, and a datagram over UDP, both echoed.
+fn echo_both_ways(addr: &str) {
+    use std::io::Write;
+    let mut c = connect(addr);
+    c.write_all(b"odd values").unwrap();
+    let mut got = [0u8; 10];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"odd values");
+    drop(c);
+    let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    u.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut buf = [0u8; 64];
+    let echoed = (0..20).any(|_| {
+        u.send_to(b"datagram", addr).unwrap();
+        matches!(u.recv_from(&mut buf), Ok((8, _))) && &buf[..8] == b"datagram"
+    });
+    assert!(echoed, "no UDP echo through {addr}");
+}
+
+#[test]
+fn no_option_value_makes_the_relay_panic() {
+    let backend = free_port();
+    echo_server(&format!("127.0.0.1:{backend}"));
+    udp_echo(&format!("127.0.0.1:{backend}"));
+    let mut started = Vec::new();
+    for opt in NUMERIC_OPTIONS {
+        for value in ODD_VALUES {
+            let port = free_port();
+            let fwd = format!("both:127.0.0.1:{port}=127.0.0.1:{backend}");
+            let args = [opt, value, &fwd];
+            match start_or_refuse(&args) {
+                Verdict::Refused { code, stderr } => {
+                    assert_eq!(code, Some(2), "{args:?}: stderr {:?}", head(&stderr));
+                    assert_eq!(stderr.lines().count(), 1, "{args:?}: stderr {:?}", head(&stderr));
+                    assert!(stderr.starts_with("splice-relay: "), "{args:?}: stderr {:?}", head(&stderr));
+                }
+                Verdict::Running { mut relay, log } => {
+                    started.push(format!("{opt} {value:?}"));
+                    echo_both_ways(&format!("127.0.0.1:{port}"));
+                    unsafe_free_kill(relay.id(), 15);
+                    let mut code = None;
+                    let exited = wait_until(Duration::from_secs(10), || match relay.try_wait() {
+                        Ok(Some(st)) => {
+                            code = st.code();
+                            true
+                        }
+                        _ => false,
+                    });
+                    if !exited {
+                        let _ = relay.kill();
+                        let _ = relay.wait();
+                    }
+                    let log = log.lock().unwrap().clone();
+                    assert_eq!(code, Some(0), "{args:?}: SIGTERM must end the relay with 0; log {:?}", head(&log));
+                    assert!(!log.contains("panicked"), "{args:?}: {}", head(&log));
+                }
+            }
+        }
+    }
+    // The values that are legitimately accepted, so a change in them is seen.
+    let expected = [
+        "--max-connections \"0\"",
+        "--max-connections \"18446744073709551615\"",
+        "--max-connections-per-source \"0\"",
+        "--max-connections-per-source \"18446744073709551615\"",
+        "--connect-timeout \"87600h\"",
+        "--idle-timeout \"0\"",
+        "--idle-timeout \"87600h\"",
+        "--half-close-timeout \"0\"",
+        "--half-close-timeout \"87600h\"",
+        "--pipe-size \"0\"",
+        "--pipe-size \"1024M\"",
+        "--drain-timeout \"0\"",
+        "--drain-timeout \"87600h\"",
+        "--udp-timeout \"87600h\"",
+        "--udp-max-flows \"18446744073709551615\"",
+        "--udp-rcvbuf \"0\"",
+        "--udp-rcvbuf \"1024M\"",
+        "--proxy-header-timeout \"87600h\"",
+        "--stats-interval \"87600h\"",
+    ];
+    assert_eq!(started, expected);
+}
