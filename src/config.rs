@@ -92,19 +92,19 @@ const QUOTE_MAX: usize = 60;
 
 /// `text` in double quotes for an error message, cut to 60 characters
 /// (`"abc"...` when cut), so a 10 MB line never lands on stderr whole.
-pub fn quote(text: &str) -> String {
+pub(crate) fn quote(text: &str) -> String {
     let (head, cut) = clip(text, QUOTE_MAX);
     format!("{head:?}{}", if cut { "..." } else { "" })
 }
 
 /// Like [`quote`], in clap's single quotes.
-pub fn quote_single(text: &str) -> String {
+pub(crate) fn quote_single(text: &str) -> String {
     let (head, cut) = clip(text, QUOTE_MAX);
     format!("'{head}'{}", if cut { "..." } else { "" })
 }
 
 /// The first `max` characters of `text`, and whether anything was cut.
-pub fn clip(text: &str, max: usize) -> (&str, bool) {
+pub(crate) fn clip(text: &str, max: usize) -> (&str, bool) {
     match text.char_indices().nth(max) {
         Some((at, _)) => (&text[..at], true),
         None => (text, false),
