@@ -35,6 +35,8 @@ Logging: RUST_LOG=debug, or -v / -q.";
 /// A Linux TCP/UDP port relay: splice(2) for TCP, batched recvmmsg/sendmmsg for UDP.
 #[derive(Parser, Debug, Default)]
 #[command(name = "splice-relay", version, after_help = EXAMPLES)]
+// Options taking a number allow a leading `-`, so that `-1` reaches their
+// value parser, which says what is wrong with it.
 pub struct Args {
     /// What to relay: [PROTO:]LISTEN=TARGET (see below).
     #[arg(value_name = "FORWARD")]
@@ -46,34 +48,58 @@ pub struct Args {
     #[arg(long)]
     pub ipv6_only: bool,
     /// Open TCP connections at most, across all forwards (0: no limit).
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value_t = 0)]
     pub max_connections: usize,
     /// Open TCP connections at most per client address (0: no limit).
-    #[arg(long, value_name = "N", default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value_t = 0)]
     pub max_connections_per_source: usize,
     /// Give up on a backend connect after this long.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = parse_duration,
+    )]
     pub connect_timeout: Duration,
     /// Close TCP connections idle this long (default: never).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, allow_negative_numbers = true, value_name = "DURATION", value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,
     /// Close a TCP connection this long after one side finished (0: never).
-    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "DURATION",
+        default_value = "5m",
+        value_parser = parse_duration,
+    )]
     pub half_close_timeout: Duration,
     /// Pipe capacity per direction in flight.
-    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    #[arg(long, allow_negative_numbers = true, value_name = "BYTES", value_parser = parse_size)]
     pub pipe_size: Option<usize>,
     /// Copy through a small user-space buffer instead of splice(2).
     #[arg(long)]
     pub no_splice: bool,
     /// On SIGTERM/SIGINT, stop accepting and let connections finish this long.
-    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "DURATION",
+        default_value = "0s",
+        value_parser = parse_duration,
+    )]
     pub drain_timeout: Duration,
     /// Close a UDP flow after this long without traffic either way.
-    #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "DURATION",
+        default_value = "90s",
+        value_parser = parse_duration,
+    )]
     pub udp_timeout: Duration,
     /// UDP flows at most (the least recently used is evicted when full).
-    #[arg(long, value_name = "N", default_value_t = 4096)]
+    #[arg(long, allow_negative_numbers = true, value_name = "N", default_value_t = 4096)]
     pub udp_max_flows: usize,
     /// No UDP offloads: receive datagrams one by one (no UDP_GRO) and send
     /// each on its own (no UDP GSO).
@@ -81,7 +107,7 @@ pub struct Args {
     pub no_udp_gso: bool,
     /// Receive buffer of UDP listening sockets (SO_RCVBUFFORCE when allowed,
     /// else SO_RCVBUF, which net.core.rmem_max caps).
-    #[arg(long, value_name = "BYTES", default_value = "4M", value_parser = parse_size)]
+    #[arg(long, allow_negative_numbers = true, value_name = "BYTES", default_value = "4M", value_parser = parse_size)]
     pub udp_rcvbuf: usize,
     /// Send a PROXY protocol header (v1 or v2) to every backend.
     #[arg(long, value_name = "VERSION", value_parser = parse_version)]
@@ -93,10 +119,16 @@ pub struct Args {
     #[arg(long, value_name = "CIDRS")]
     pub trusted_proxies: Option<String>,
     /// Bound on reading a client's PROXY header.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "DURATION",
+        default_value = "5s",
+        value_parser = parse_duration,
+    )]
     pub proxy_header_timeout: Duration,
     /// Log totals this often (SIGUSR1 logs them at once).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, allow_negative_numbers = true, value_name = "DURATION", value_parser = parse_duration)]
     pub stats_interval: Option<Duration>,
     /// Serve Prometheus metrics over HTTP on ADDR (e.g. 127.0.0.1:9100).
     #[arg(long, value_name = "ADDR")]
@@ -107,6 +139,40 @@ pub struct Args {
     /// Less logging (-q warnings only, -qq errors only).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub quiet: u8,
+}
+
+/// clap's error as one line: what its first line says, without the
+/// `error: ` prefix, usage or tips, quoting at most 60 characters of what
+/// the user typed.
+pub fn clap_error_line(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let text = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.as_str()),
+        _ => None,
+    };
+    match (e.kind(), text(ContextKind::InvalidArg), text(ContextKind::InvalidValue)) {
+        (ErrorKind::ValueValidation, Some(arg), Some(value)) => {
+            let why = std::error::Error::source(e).map(|s| format!(": {s}")).unwrap_or_default();
+            format!("invalid value {} for '{arg}'{why}", config::quote_single(value))
+        }
+        (ErrorKind::UnknownArgument, Some(arg), _) => {
+            format!("unexpected argument {} found (see --help)", config::quote_single(arg))
+        }
+        (ErrorKind::TooManyValues, Some(arg), Some(value)) => {
+            format!("unexpected value {} for '{arg}' found; no more were expected", config::quote_single(value))
+        }
+        _ => {
+            let rendered = e.to_string();
+            let first = rendered.lines().next().unwrap_or_default();
+            let first = first.strip_prefix("error: ").unwrap_or(first).trim();
+            let (head, cut) = config::clip(first, 200);
+            match (head.is_empty(), cut) {
+                (true, _) => "invalid command line (see --help)".to_string(),
+                (false, true) => format!("{head}..."),
+                (false, false) => head.to_string(),
+            }
+        }
+    }
 }
 
 fn parse_version(s: &str) -> Result<Version, String> {
@@ -158,9 +224,7 @@ impl Args {
     pub fn into_config(self, resolve: Resolver<'_>) -> Result<Config, StartError> {
         let mut forwards = Vec::new();
         for path in &self.config {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| StartError::Runtime(format!("cannot read config file {path}: {e}")))?;
-            forwards.extend(config::parse_config(path, &text, resolve)?);
+            forwards.extend(config::parse_config(path, &read_config_file(path)?, resolve)?);
         }
         for f in &self.forwards {
             forwards.extend(config::parse_forward(f, resolve)?);
@@ -170,9 +234,7 @@ impl Args {
             f.accept_proxy |= self.accept_proxy;
         }
         let trusted = match &self.trusted_proxies {
-            Some(s) => {
-                crate::cidr::Cidr::parse_list(s).map_err(|e| StartError::Usage(format!("--trusted-proxies: {e}")))?
-            }
+            Some(s) => trusted_proxies(s)?,
             None => Vec::new(),
         };
         if forwards.iter().any(|f| f.accept_proxy) && trusted.is_empty() {
@@ -183,8 +245,20 @@ impl Args {
         if self.udp_max_flows == 0 {
             return Err(StartError::Usage("--udp-max-flows must be at least 1".into()));
         }
-        if self.udp_timeout.is_zero() {
-            return Err(StartError::Usage("--udp-timeout must be more than 0".into()));
+        // 0 turns --idle-timeout, --half-close-timeout and --drain-timeout off;
+        // for these it would mean "at once", over and over.
+        let zero = Duration::is_zero;
+        let must_not_be_zero = [
+            (zero(&self.connect_timeout), "--connect-timeout must be more than 0"),
+            (zero(&self.udp_timeout), "--udp-timeout must be more than 0"),
+            (zero(&self.proxy_header_timeout), "--proxy-header-timeout must be more than 0"),
+            (
+                self.stats_interval.as_ref().is_some_and(zero),
+                "--stats-interval must be more than 0 (leave it out to log only on SIGUSR1)",
+            ),
+        ];
+        if let Some((_, msg)) = must_not_be_zero.iter().find(|(is_zero, _)| *is_zero) {
+            return Err(StartError::Usage(msg.to_string()));
         }
         let level = match (self.verbose as i32) - (self.quiet as i32) {
             i32::MIN..=-2 => log::LevelFilter::Error,
@@ -222,6 +296,41 @@ impl Args {
             log_level: level,
         })
     }
+}
+
+/// The most a config file may hold; `-c /dev/zero` would otherwise read forever.
+const MAX_CONFIG_BYTES: usize = 16 << 20;
+
+/// Reads a config file: unreadable is a run-time error (exit 1), larger
+/// than [`MAX_CONFIG_BYTES`] a usage error (exit 2).
+fn read_config_file(path: &str) -> Result<Vec<u8>, StartError> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_CONFIG_BYTES as u64 + 1).read_to_end(&mut bytes))
+        .map_err(|e| StartError::Runtime(format!("cannot read config file {path}: {e}")))?;
+    if bytes.len() > MAX_CONFIG_BYTES {
+        return Err(StartError::Usage(format!(
+            "cannot read config file {path}: larger than {} MiB",
+            MAX_CONFIG_BYTES >> 20
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Parses --trusted-proxies. An entry longer than any address can be
+/// is named cut short instead of whole.
+fn trusted_proxies(list: &str) -> Result<Vec<crate::cidr::Cidr>, StartError> {
+    let usage = |msg: String| StartError::Usage(format!("--trusted-proxies: {msg}"));
+    list.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            crate::cidr::Cidr::parse(p).map_err(|e| match config::clip(p.trim(), 60) {
+                (_, false) => usage(e),
+                (_, true) => usage(format!("{} is not an address or CIDR range", config::quote(p.trim()))),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

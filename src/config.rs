@@ -87,20 +87,45 @@ impl fmt::Display for StartError {
     }
 }
 
+/// How many characters of a user's text an error message quotes.
+const QUOTE_MAX: usize = 60;
+
+/// `text` in double quotes for an error message, cut to 60 characters
+/// (`"abc"...` when cut), so a 10 MB line never lands on stderr whole.
+pub(crate) fn quote(text: &str) -> String {
+    let (head, cut) = clip(text, QUOTE_MAX);
+    format!("{head:?}{}", if cut { "..." } else { "" })
+}
+
+/// Like [`quote`], in clap's single quotes.
+pub(crate) fn quote_single(text: &str) -> String {
+    let (head, cut) = clip(text, QUOTE_MAX);
+    format!("'{head}'{}", if cut { "..." } else { "" })
+}
+
+/// The first `max` characters of `text`, and whether anything was cut.
+pub(crate) fn clip(text: &str, max: usize) -> (&str, bool) {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => (&text[..at], true),
+        None => (text, false),
+    }
+}
+
 /// Resolves a host name to an address (the real one asks the system resolver).
 pub type Resolver<'a> = &'a dyn Fn(&str) -> Result<IpAddr, String>;
 
 /// The system resolver: the first address `getaddrinfo` returns.
 pub fn system_resolver(host: &str) -> Result<IpAddr, String> {
     use std::net::ToSocketAddrs;
-    let mut addrs = (host, 0u16).to_socket_addrs().map_err(|e| format!("cannot resolve target host {host:?}: {e}"))?;
-    addrs.next().map(|a| a.ip()).ok_or_else(|| format!("target host {host:?} has no address"))
+    let mut addrs =
+        (host, 0u16).to_socket_addrs().map_err(|e| format!("cannot resolve target host {}: {e}", quote(host)))?;
+    addrs.next().map(|a| a.ip()).ok_or_else(|| format!("target host {} has no address", quote(host)))
 }
 
 /// Parses one FORWARD, `[PROTO:]LISTEN=TARGET[,OPTION...]`, expanding port
 /// ranges into one `Forward` per port.
 pub fn parse_forward(text: &str, resolve: Resolver<'_>) -> Result<Vec<Forward>, StartError> {
-    let usage = |msg: String| StartError::Usage(format!("invalid forward {text:?}: {msg}"));
+    let usage = |msg: String| StartError::Usage(format!("invalid forward {}: {msg}", quote(text)));
     let spec = text.trim();
     let mut parts = spec.split(',');
     let main = parts.next().unwrap_or_default();
@@ -113,7 +138,7 @@ pub fn parse_forward(text: &str, resolve: Resolver<'_>) -> Result<Vec<Forward>, 
                 && p.chars().all(|c| c.is_ascii_alphabetic())
                 && r.split('=').next().is_some_and(|l| l.contains(':')) =>
         {
-            return Err(usage(format!("unknown protocol {p:?} (expected tcp, udp or both)")));
+            return Err(usage(format!("unknown protocol {} (expected tcp, udp or both)", quote(p))));
         }
         _ => (Proto::Tcp, main),
     };
@@ -123,7 +148,7 @@ pub fn parse_forward(text: &str, resolve: Resolver<'_>) -> Result<Vec<Forward>, 
     let (listen_host, listen_ports) = split_host_port(listen).map_err(|m| usage(format!("listen address: {m}")))?;
     let listen_ip: IpAddr = listen_host
         .parse()
-        .map_err(|_| usage(format!("listen address {listen_host:?} is not an IPv4 or [IPv6] address")))?;
+        .map_err(|_| usage(format!("listen address {} is not an IPv4 or [IPv6] address", quote(listen_host))))?;
     let (target_host, target_ports) = split_host_port(target).map_err(|m| usage(format!("target: {m}")))?;
     let (l_lo, l_hi) = parse_ports(listen_ports).map_err(|m| usage(format!("listen port: {m}")))?;
     let (t_lo, t_hi) = parse_ports(target_ports).map_err(|m| usage(format!("target port: {m}")))?;
@@ -143,7 +168,8 @@ pub fn parse_forward(text: &str, resolve: Resolver<'_>) -> Result<Vec<Forward>, 
             "accept-proxy" => accept_proxy = true,
             _ => {
                 return Err(usage(format!(
-                    "unknown option {opt:?} (expected send-proxy=v1, send-proxy=v2 or accept-proxy)"
+                    "unknown option {} (expected send-proxy=v1, send-proxy=v2 or accept-proxy)",
+                    quote(opt)
                 )));
             }
         }
@@ -151,7 +177,7 @@ pub fn parse_forward(text: &str, resolve: Resolver<'_>) -> Result<Vec<Forward>, 
     let target_ip = match target_host.parse::<IpAddr>() {
         Ok(ip) => ip,
         Err(_) if target_host.starts_with('[') || target_host.is_empty() => {
-            return Err(usage(format!("target address {target_host:?} is not valid")));
+            return Err(usage(format!("target address {} is not valid", quote(target_host))));
         }
         Err(_) => resolve(target_host).map_err(StartError::Runtime)?,
     };
@@ -174,12 +200,16 @@ fn split_host_port(s: &str) -> Result<(&str, &str), String> {
         let ports = after.strip_prefix(':').ok_or("expected :PORT after ']'")?;
         return Ok((host, ports));
     }
-    let (host, ports) = s.rsplit_once(':').ok_or(format!("{s:?} has no :PORT"))?;
+    let (host, ports) = s.rsplit_once(':').ok_or_else(|| format!("{} has no :PORT", quote(s)))?;
     if host.contains(':') {
-        return Err(format!("IPv6 address {host:?} must be in brackets, e.g. [{host}]:{ports}"));
+        return Err(format!(
+            "IPv6 address {} must be in brackets, e.g. {}",
+            quote(host),
+            quote(&format!("[{host}]:{ports}"))
+        ));
     }
     if host.is_empty() {
-        return Err(format!("{s:?} has no address before the port"));
+        return Err(format!("{} has no address before the port", quote(s)));
     }
     Ok((host, ports))
 }
@@ -188,11 +218,12 @@ fn split_host_port(s: &str) -> Result<(&str, &str), String> {
 fn parse_ports(s: &str) -> Result<(u16, u16), String> {
     let one = |p: &str| -> Result<u16, String> {
         if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(format!("{p:?} is not a port number"));
+            return Err(format!("{} is not a port number", quote(p)));
         }
         match p.parse::<u32>() {
             Ok(n @ 1..=65535) => Ok(n as u16),
-            _ => Err(format!("{p} is out of range (1-65535)")),
+            Ok(n) => Err(format!("{n} is out of range (1-65535)")),
+            Err(_) => Err(format!("{} is out of range (1-65535)", quote(p))),
         }
     };
     match s.split_once('-') {
@@ -207,11 +238,13 @@ fn parse_ports(s: &str) -> Result<(u16, u16), String> {
     }
 }
 
-/// Parses a config file's text: one FORWARD per line, blank lines and `#`
-/// comments allowed. Errors name the file and line.
-pub fn parse_config(name: &str, text: &str, resolve: Resolver<'_>) -> Result<Vec<Forward>, StartError> {
+/// Parses a config file: one FORWARD per line of UTF-8 text, blank lines
+/// and `#` comments allowed. Errors name the file and line.
+pub fn parse_config(name: &str, bytes: &[u8], resolve: Resolver<'_>) -> Result<Vec<Forward>, StartError> {
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let line =
+            std::str::from_utf8(line).map_err(|_| StartError::Usage(format!("{name}:{}: not UTF-8 text", i + 1)))?;
         let line = line.split('#').next().unwrap_or_default().trim();
         if line.is_empty() {
             continue;
@@ -225,35 +258,59 @@ pub fn parse_config(name: &str, text: &str, resolve: Resolver<'_>) -> Result<Vec
     Ok(out)
 }
 
-/// Parses a duration: `250ms`, `10s`, `5m`, `1h`, or plain seconds.
+/// The longest duration an option takes: 3650 days (about 10 years), far
+/// from where `Instant + Duration` overflows.
+pub const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+
+/// The largest size an option takes: 1 GiB (socket options take a C int).
+pub const MAX_SIZE: usize = 1 << 30;
+
+/// Parses a duration: `250ms`, `10s`, `5m`, `1h`, or plain seconds, at most
+/// [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 10s, 5m, 1h)"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    if num.is_empty() || !unit.chars().all(|c| c.is_ascii_alphabetic()) {
+        return Err(format!("{} is not a duration (e.g. 500ms, 10s, 5m, 1h)", quote(s)));
+    }
+    let too_long = || format!("{} is too long (at most {} days)", quote(s), MAX_DURATION.as_secs() / 86_400);
+    let seconds_per = match unit {
+        "ms" => None,
+        "" | "s" => Some(1),
+        "m" => Some(60),
+        "h" => Some(3600),
+        _ => return Err(format!("{}: unknown unit {} (use ms, s, m or h)", quote(s), quote(unit))),
     };
+    // All digits: only overflow makes the parse fail.
+    let n: u64 = num.parse().map_err(|_| too_long())?;
+    let d = match seconds_per {
+        None => Duration::from_millis(n),
+        Some(per) => n.checked_mul(per).map(Duration::from_secs).ok_or_else(too_long)?,
+    };
+    if d > MAX_DURATION {
+        return Err(too_long());
+    }
     Ok(d)
 }
 
-/// Parses a size in bytes: `65536`, `64K`, `1M` (binary units).
+/// Parses a size in bytes: `65536`, `64K`, `1M` (binary units), at most [`MAX_SIZE`].
 pub fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: usize = num.parse().map_err(|_| format!("{s:?} is not a size (e.g. 65536, 256K, 1M)"))?;
+    if num.is_empty() || !unit.chars().all(|c| c.is_ascii_alphabetic()) {
+        return Err(format!("{} is not a size (e.g. 65536, 256K, 1M)", quote(s)));
+    }
+    let too_large = || format!("{} is too large (at most {}M)", quote(s), MAX_SIZE >> 20);
     let mult = match unit {
         "" => 1,
         "k" | "K" | "KiB" => 1 << 10,
         "m" | "M" | "MiB" => 1 << 20,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K or M)")),
+        _ => return Err(format!("{}: unknown unit {} (use K or M)", quote(s), quote(unit))),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    let n: usize = num.parse().map_err(|_| too_large())?;
+    n.checked_mul(mult).filter(|&b| b <= MAX_SIZE).ok_or_else(too_large)
 }
 
 #[cfg(test)]
@@ -322,10 +379,41 @@ mod tests {
     #[test]
     fn config_files_skip_comments_and_name_lines() {
         let text = "# forwards\n\n127.0.0.1:1=127.0.0.1:2  # inline\nudp:[::1]:3=[::1]:4\n";
-        let v = parse_config("relay.conf", text, &no_dns).unwrap();
+        let v = parse_config("relay.conf", text.as_bytes(), &no_dns).unwrap();
         assert_eq!(v.len(), 2);
-        let e = parse_config("relay.conf", "127.0.0.1:1=127.0.0.1:2\nbad line\n", &no_dns).unwrap_err();
+        let e = parse_config("relay.conf", b"127.0.0.1:1=127.0.0.1:2\nbad line\n", &no_dns).unwrap_err();
         assert!(e.to_string().starts_with("relay.conf:2: "), "{e}");
+        let crlf = parse_config("relay.conf", b"127.0.0.1:1=127.0.0.1:2\r\n\r\n", &no_dns).unwrap();
+        assert_eq!(crlf.len(), 1);
+        let e = parse_config("relay.conf", b"# ok\n127.0.0.1:1=127.0.0.1:2 # caf\xe9\n", &no_dns).unwrap_err();
+        assert_eq!(e, StartError::Usage("relay.conf:2: not UTF-8 text".into()));
+    }
+
+    #[test]
+    fn errors_quote_at_most_60_characters() {
+        assert_eq!(quote("short"), r#""short""#);
+        let long = "é".repeat(100);
+        assert_eq!(quote(&long), format!("{:?}...", "é".repeat(60)));
+        assert_eq!(quote_single(&long), format!("'{}'...", "é".repeat(60)));
+        let line = "x".repeat(10 << 20);
+        assert_eq!(
+            err(&line),
+            format!("invalid forward \"{}\"...: expected LISTEN=TARGET, e.g. [::]:8080=127.0.0.1:80", "x".repeat(60))
+        );
+        let long_port = format!("127.0.0.1:{}=127.0.0.1:80", "9".repeat(100));
+        assert!(
+            err(&long_port).ends_with(&format!("listen port: \"{}\"... is out of range (1-65535)", "9".repeat(60)))
+        );
+        assert!(err("127.0.0.1:99999=127.0.0.1:80").ends_with("listen port: 99999 is out of range (1-65535)"));
+        let errors = [
+            parse_duration(&long).unwrap_err(),
+            parse_duration(&format!("1{long}")).unwrap_err(),
+            parse_size(&long).unwrap_err(),
+            parse_size(&"9".repeat(100)).unwrap_err(),
+        ];
+        for e in errors {
+            assert!(e.chars().count() < 200, "{e}");
+        }
     }
 
     #[test]
@@ -338,6 +426,23 @@ mod tests {
         assert_eq!(parse_size("256K"), Ok(262144));
         assert_eq!(parse_size("1M"), Ok(1 << 20));
         assert!(parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn durations_and_sizes_have_a_ceiling() {
+        let ten_years = Duration::from_secs(3650 * 86_400);
+        assert_eq!(parse_duration("87600h"), Ok(ten_years));
+        assert_eq!(parse_duration("315360000000ms"), Ok(ten_years));
+        let too_long = |s: &str| Err(format!("{s:?} is too long (at most 3650 days)"));
+        for s in ["87601h", "315360001", "3000000000000000h", "99999999999999999999h", "18446744073709551615m"] {
+            assert_eq!(parse_duration(s), too_long(s));
+        }
+        assert_eq!(parse_duration("1.5s"), Err(r#""1.5s" is not a duration (e.g. 500ms, 10s, 5m, 1h)"#.into()));
+        assert_eq!(parse_size("1024M"), Ok(1 << 30));
+        let too_large = |s: &str| Err(format!("{s:?} is too large (at most 1024M)"));
+        for s in ["1025M", "1073741825", "18446744073709551616", "18014398509481984K"] {
+            assert_eq!(parse_size(s), too_large(s));
+        }
     }
 
     #[test]

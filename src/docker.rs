@@ -4,9 +4,9 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use crate::config::{Forward, Proto, StartError};
+use crate::config::{Forward, Proto, StartError, quote};
 use crate::proxy_protocol::Version;
 
 /// docker-proxy's flags, as dockerd passes them.
@@ -86,10 +86,14 @@ pub fn parse(args: &[String]) -> Result<DockerArgs, String> {
             None => (body, None),
         };
         let is_bool = matches!(name, "use-listen-fd" | "v" | "version");
+        // Like Go's flag package: an unknown name is the error, whatever follows it.
+        if !is_bool && !FLAGS.contains(&name) {
+            return Err(not_defined(name));
+        }
         let value = if is_bool {
             match inline {
                 None => true,
-                Some(v) => parse_go_bool(v).ok_or(format!("invalid boolean value {v:?} for -{name}"))?,
+                Some(v) => parse_go_bool(v).ok_or_else(|| format!("invalid boolean value {} for -{name}", quote(v)))?,
             }
         } else {
             false
@@ -99,8 +103,11 @@ pub fn parse(args: &[String]) -> Result<DockerArgs, String> {
             (false, Some(v)) => v.to_string(),
             (false, None) => it.next().cloned().ok_or(format!("flag needs an argument: -{name}"))?,
         };
-        let ip = |t: &str| t.parse::<IpAddr>().map_err(|_| format!("invalid value {t:?} for flag -{name}: invalid IP"));
-        let int = |t: &str| t.parse::<i64>().map_err(|_| format!("invalid value {t:?} for flag -{name}: parse error"));
+        let ip = |t: &str| {
+            t.parse::<IpAddr>().map_err(|_| format!("invalid value {} for flag -{name}: invalid IP", quote(t)))
+        };
+        let int =
+            |t: &str| t.parse::<i64>().map_err(|_| format!("invalid value {} for flag -{name}: parse error", quote(t)));
         match name {
             "proto" => out.proto = text,
             "host-ip" => out.host_ip = Some(ip(&text)?),
@@ -109,10 +116,16 @@ pub fn parse(args: &[String]) -> Result<DockerArgs, String> {
             "container-port" => out.container_port = int(&text)?,
             "use-listen-fd" => out.use_listen_fd = value,
             "v" | "version" => out.version = value,
-            _ => return Err(format!("flag provided but not defined: -{name}")),
+            _ => return Err(not_defined(name)),
         }
     }
     Ok(out)
+}
+
+/// Go's error for an unknown flag (the name cut to 60 characters).
+fn not_defined(name: &str) -> String {
+    let (head, cut) = crate::config::clip(name, 60);
+    format!("flag provided but not defined: -{head}{}", if cut { "..." } else { "" })
 }
 
 fn parse_go_bool(v: &str) -> Option<bool> {
@@ -136,7 +149,7 @@ pub fn forward(
         "sctp" => {
             return Err(StartError::Runtime("proto sctp is not supported (no SCTP in this relay or kernel)".into()));
         }
-        p => return Err(StartError::Runtime(format!("unsupported protocol {p}"))),
+        p => return Err(StartError::Runtime(format!("unsupported protocol {}", quote(p)))),
     };
     let port = |p: i64, what: &str| {
         u16::try_from(p).ok().filter(|p| *p != 0).ok_or_else(|| StartError::Runtime(format!("invalid {what} port {p}")))
@@ -154,6 +167,31 @@ pub fn forward(
         accept_proxy: false,
         spec: format!("{}:{host_ip}:{host_port}={container_ip}:{container_port}", a.proto),
     })
+}
+
+/// Checks that `fd` (fd 4 of `-use-listen-fd`) suits `forward`: a listening
+/// TCP socket for tcp, a UDP socket for udp, of -host-ip's address family.
+/// Adopting a wrong one would report ready and then fail on every client.
+pub fn check_listen_fd(fd: BorrowedFd<'_>, forward: &Forward) -> Result<(), StartError> {
+    use nix::sys::socket::SockType;
+    let wrong = |what: String| Err(StartError::Runtime(format!("-use-listen-fd: fd 4 {what}")));
+    let (ty, listening) = match crate::sys::socket_kind(fd) {
+        Ok(kind) => kind,
+        Err(e) => return wrong(format!("is not a usable socket: {e}")),
+    };
+    match (ty, forward.proto) {
+        (SockType::Stream, Proto::Tcp) if !listening => return wrong("is a TCP socket that is not listening".into()),
+        (SockType::Stream, Proto::Tcp) | (SockType::Datagram, Proto::Udp) => {}
+        (SockType::Stream, p) => return wrong(format!("is a TCP socket, but -proto is {p}")),
+        (SockType::Datagram, p) => return wrong(format!("is a UDP socket, but -proto is {p}")),
+        (other, _) => return wrong(format!("is a {other:?} socket, not TCP or UDP")),
+    }
+    let family = |a: SocketAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
+    match crate::sys::local_addr(fd) {
+        Ok(local) if local.is_ipv4() == forward.listen.is_ipv4() => Ok(()),
+        Ok(local) => wrong(format!("is an {} socket, but -host-ip is {}", family(local), forward.listen.ip())),
+        Err(e) => wrong(format!("is not an IP socket: {e}")),
+    }
 }
 
 /// The write end of dockerd's status pipe (fd 3).
@@ -197,9 +235,8 @@ pub fn native_options(env: Option<OsString>) -> Result<crate::cli::Args, StartEr
         return Ok(crate::cli::Args::defaults());
     }
     let words = std::iter::once("splice-relay".to_string()).chain(text.split_whitespace().map(String::from));
-    let args = crate::cli::Args::try_parse_from(words).map_err(|e| {
-        StartError::Runtime(format!("SPLICE_RELAY_OPTS: {}", e.to_string().lines().next().unwrap_or("")))
-    })?;
+    let args = crate::cli::Args::try_parse_from(words)
+        .map_err(|e| StartError::Runtime(format!("SPLICE_RELAY_OPTS: {}", crate::cli::clap_error_line(&e))))?;
     if !args.forwards.is_empty() || !args.config.is_empty() {
         return Err(StartError::Runtime("SPLICE_RELAY_OPTS takes options only, not forwards".into()));
     }
@@ -215,7 +252,7 @@ pub fn proxy_ports(env: Option<OsString>) -> Result<Option<Vec<u16>>, StartError
         .map(|p| {
             p.trim()
                 .parse::<u16>()
-                .map_err(|_| StartError::Runtime(format!("SPLICE_RELAY_PROXY_PORTS: bad port {p:?}")))
+                .map_err(|_| StartError::Runtime(format!("SPLICE_RELAY_PROXY_PORTS: bad port {}", quote(p))))
         })
         .collect::<Result<Vec<_>, _>>()
         .map(Some)
@@ -262,6 +299,10 @@ mod tests {
     #[test]
     fn bad_flags_are_errors() {
         assert_eq!(parse(&args("-bogus 1")).unwrap_err(), "flag provided but not defined: -bogus");
+        assert_eq!(parse(&args("-host-ip 0.0.0.0 -bogus")).unwrap_err(), "flag provided but not defined: -bogus");
+        assert_eq!(parse(&args("--bogus=1")).unwrap_err(), "flag provided but not defined: -bogus");
+        let long = format!("-{}", "b".repeat(100));
+        assert_eq!(parse(&[long]).unwrap_err(), format!("flag provided but not defined: -{}...", "b".repeat(60)));
         assert!(parse(&args("-host-port")).unwrap_err().contains("needs an argument"));
         assert!(parse(&args("-host-port x")).unwrap_err().contains("invalid value"));
         assert!(parse(&args("-host-ip 1.2.3")).unwrap_err().contains("invalid IP"));

@@ -1,34 +1,70 @@
 //! Entry point: argv -> config, logging, run, exit status (fd 3 in docker mode).
 
+use std::ffi::OsString;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::process::ExitCode;
 
 use clap::Parser;
-use splice_relay::cli::Args;
+use splice_relay::cli::{self, Args};
 use splice_relay::config::{StartError, system_resolver};
 use splice_relay::{docker, sys};
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args_os().skip(1).map(|a| a.to_string_lossy().into_owned()).collect();
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let args = match utf8_args(argv.iter().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("splice-relay: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if docker::is_docker_args(&args) {
         return docker_main(&args);
     }
-    let args = match Args::try_parse() {
+    let args = match Args::try_parse_from(&argv) {
         Ok(a) => a,
-        Err(e) => {
+        // --help and --version: their text on stdout.
+        Err(e) if !e.use_stderr() => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("splice-relay: {}", cli::clap_error_line(&e));
+            return ExitCode::from(2);
         }
     };
     let result = args.into_config(&system_resolver).and_then(|config| {
-        splice_relay::logging::init(config.log_level, None);
         if config.forwards.is_empty() {
             return Err(StartError::Usage(
                 "nothing to relay: give at least one FORWARD or --config FILE (see --help)".into(),
             ));
         }
+        splice_relay::logging::init(config.log_level, None);
         start(&config, None, || {})
     });
-    finish(result)
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // One plain line, whatever the log level: the log is for the running relay.
+        Err(e) => {
+            eprintln!("splice-relay: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+/// The arguments as text, or an error naming the first that is not UTF-8.
+fn utf8_args<'a>(args: impl Iterator<Item = &'a OsString>) -> Result<Vec<String>, String> {
+    args.enumerate()
+        .map(|(i, a)| {
+            a.to_str().map(String::from).ok_or_else(|| {
+                let bytes = a.as_bytes();
+                let (head, more) = bytes.split_at(bytes.len().min(60));
+                let more = if more.is_empty() { "" } else { "..." };
+                format!("argument {} is not UTF-8 text: \"{}\"{more}", i + 1, head.escape_ascii())
+            })
+        })
+        .collect()
 }
 
 /// Docker mode: docker-proxy's flags, errors reported through fd 3.
@@ -51,26 +87,37 @@ fn docker_main(args: &[String]) -> ExitCode {
         let opts = docker::native_options(std::env::var_os("SPLICE_RELAY_OPTS"))?;
         let send_proxy = opts.send_proxy;
         let ports = docker::proxy_ports(std::env::var_os("SPLICE_RELAY_PROXY_PORTS"))?;
-        let mut config = opts.into_config(&system_resolver)?;
+        // Not a usage error here: dockerd expects exit 1 with the reason on fd 3.
+        let mut config =
+            opts.into_config(&system_resolver).map_err(|e| StartError::Runtime(format!("SPLICE_RELAY_OPTS: {e}")))?;
         splice_relay::logging::init(config.log_level, std::env::var_os("SPLICE_RELAY_LOG"));
-        config.forwards = vec![docker::forward(&flags, send_proxy, ports.as_deref())?];
-        // Docker binds IPv6 host addresses IPv6-only, [::] included.
-        config.ipv6_only = true;
+        let forward = docker::forward(&flags, send_proxy, ports.as_deref())?;
         let listen_fd = if flags.use_listen_fd {
             let fd = sys::inherited_fd(4)
                 .ok_or_else(|| StartError::Runtime("-use-listen-fd given but fd 4 is not open".into()))?;
-            sys::set_nonblocking_cloexec(std::os::fd::AsFd::as_fd(&fd))
-                .map_err(|e| StartError::Runtime(format!("fd 4: {e}")))?;
+            docker::check_listen_fd(fd.as_fd(), &forward)?;
+            sys::set_nonblocking_cloexec(fd.as_fd()).map_err(|e| StartError::Runtime(format!("fd 4: {e}")))?;
             Some(fd)
         } else {
             None
         };
+        config.forwards = vec![forward];
+        // Docker binds IPv6 host addresses IPv6-only, [::] included.
+        config.ipv6_only = true;
         start(&config, listen_fd, || status.ready())
     })();
-    if let Err(e) = &result {
-        status.failed(&e.to_string());
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // dockerd reads fd 3 (stderr is /dev/null); the log may be a file.
+        Err(e) => {
+            status.failed(&e.to_string());
+            log::error!("{e}");
+            if !log::log_enabled!(log::Level::Error) {
+                eprintln!("splice-relay: {e}");
+            }
+            ExitCode::from(e.exit_code() as u8)
+        }
     }
-    finish(result)
 }
 
 /// Binds, reports readiness, runs until a signal.
@@ -85,17 +132,4 @@ fn start(
     let mut ev = splice_relay::build(config, listen_fd)?;
     ready();
     ev.run().map_err(|e| StartError::Runtime(format!("event loop failed: {e}")))
-}
-
-fn finish(result: Result<(), StartError>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("{e}");
-            if !log::log_enabled!(log::Level::Error) {
-                eprintln!("splice-relay: {e}");
-            }
-            ExitCode::from(e.exit_code() as u8)
-        }
-    }
 }
