@@ -103,9 +103,13 @@ pub fn tcp_listener(addr: SocketAddr, v6only: bool, backlog: i32) -> io::Result<
 
 /// A bound UDP socket, non-blocking and close-on-exec, that reports each
 /// datagram's destination address (IP_PKTINFO / IPV6_RECVPKTINFO).
+///
+/// No SO_REUSEADDR: on UDP it would let any other socket asking for it, of
+/// any user, bind the same address and receive the clients' datagrams (and
+/// a second forward on the same port would start without an error). UDP has
+/// no TIME_WAIT, so a restart does not need it.
 pub fn udp_listener(addr: SocketAddr, v6only: bool) -> io::Result<OwnedFd> {
     let fd = socket_for(addr, sock::SockType::Datagram)?;
-    sock::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     if addr.is_ipv6() {
         sock::setsockopt(&fd, sockopt::Ipv6V6Only, &v6only)?;
     }
