@@ -129,7 +129,7 @@ impl EventLoop {
                 }
             }
             self.tcp.resume_if_blocked(&mut ctx);
-            if stop || (self.draining && self.tcp.open_connections() == 0) {
+            if stop || (self.draining && self.tcp.open_connections() == 0 && self.udp.flows() == 0) {
                 return Ok(());
             }
         }
@@ -169,7 +169,7 @@ fn on_signals(
                     );
                     *draining = true;
                     tcp.stop_accepting();
-                    udp.stop();
+                    udp.stop(ctx.registry);
                     ctx.timers.add(ctx.now + settings.drain_timeout, Timer::Drain);
                 }
             }

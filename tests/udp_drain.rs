@@ -97,3 +97,56 @@ fn two_udp_forwards_on_one_port_fail_at_start() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+/// SIGTERM with `--drain-timeout 20s` while a backend is still to answer a
+/// client: the reply still reaches the client from the listening socket, no
+/// client datagram is read any more (neither the same client's nor a new
+/// client's), and the relay exits 0 once the flow idles out
+/// (`--udp-timeout 1s`), long before the drain timeout.
+#[test]
+fn a_reply_during_a_drain_reaches_the_client_then_the_relay_exits() {
+    let backend = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    backend.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let baddr = backend.local_addr().unwrap();
+    let p = free_port();
+    let mut r = Relay::start(&["--drain-timeout", "20s", "--udp-timeout", "1s", &format!("udp:127.0.0.1:{p}={baddr}")]);
+    let relay_addr = format!("127.0.0.1:{p}");
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 256];
+
+    client.send_to(b"question", &relay_addr).unwrap();
+    let (n, flow) = backend.recv_from(&mut buf).unwrap_or_else(|e| panic!("backend got nothing: {e}\n{}", r.log()));
+    assert_eq!(&buf[..n], b"question");
+
+    let sigterm = Instant::now();
+    r.signal(15);
+    assert!(
+        wait_until(Duration::from_secs(10), || r.log().contains("SIGTERM: no longer accepting")),
+        "no drain line:\n{}",
+        r.log()
+    );
+    // Neither an open flow's client nor a new client is read during the drain.
+    client.send_to(b"late", &relay_addr).unwrap();
+    let newcomer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    newcomer.send_to(b"new", &relay_addr).unwrap();
+
+    backend.send_to(b"answer", flow).unwrap();
+    let (n, from) =
+        client.recv_from(&mut buf).unwrap_or_else(|e| panic!("no reply during the drain: {e}\n{}", r.log()));
+    assert_eq!((&buf[..n], from.to_string()), (&b"answer"[..], relay_addr.clone()));
+
+    let status = r.wait_exit(Duration::from_secs(20)).unwrap_or_else(|| panic!("still running:\n{}", r.log()));
+    let took = sigterm.elapsed();
+    let log = r.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(took < Duration::from_secs(10), "exited {took:?} after SIGTERM, not when the flow idled out:\n{log}");
+    assert_eq!(log.matches("idle; closed").count(), 1, "{log}");
+    assert!(!log.contains("drain timeout reached"), "{log}");
+    // Whatever the relay sent, it sent before it exited: nothing more came.
+    backend.set_nonblocking(true).unwrap();
+    match backend.recv_from(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the backend got a datagram read during the drain: {other:?}"),
+    }
+}

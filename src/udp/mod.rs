@@ -37,7 +37,8 @@ pub struct UdpSettings {
 
 /// A listening UDP socket and where its datagrams go.
 pub struct UdpListener {
-    sock: Option<UdpSocket>,
+    /// Receives from clients and sends their replies.
+    sock: UdpSocket,
     /// The listening address.
     pub addr: SocketAddr,
     /// The backend.
@@ -82,6 +83,8 @@ pub struct UdpRelay {
     batch: Option<Box<Batch>>,
     settings: UdpSettings,
     sweeping: bool,
+    /// Draining: client datagrams are no longer read; replies still go out.
+    draining: bool,
     ready: Vec<Ready>,
     queue: OutQueue,
 }
@@ -96,6 +99,7 @@ impl UdpRelay {
             batch: None,
             settings,
             sweeping: false,
+            draining: false,
             ready: Vec::new(),
             queue: OutQueue::default(),
         }
@@ -128,7 +132,7 @@ impl UdpRelay {
         let mut sock = UdpSocket::from_std(sock);
         registry.register(&mut sock, fixed_token(Kind::UdpListener, self.listeners.len()), Interest::READABLE)?;
         self.listeners.push(UdpListener {
-            sock: Some(sock),
+            sock,
             addr,
             target,
             send_proxy,
@@ -156,22 +160,33 @@ impl UdpRelay {
         }
     }
 
-    /// Stops receiving from clients (drain); open flows still deliver replies.
-    pub fn stop(&mut self) {
+    /// Starts the drain: client datagrams are no longer read (so no flow
+    /// opens), while the listening sockets stay open as the reply path of the
+    /// flows left, which close when idle. The caller exits once `flows()` is 0.
+    pub fn stop(&mut self, registry: &Registry) {
+        self.draining = true;
         for l in &mut self.listeners {
-            l.sock = None;
+            // Unregistered, datagrams still arriving do not wake the loop.
+            if let Err(e) = registry.deregister(&mut l.sock) {
+                log::debug!("udp {}: deregister: {e}", l.addr);
+            }
+        }
+        if !self.listeners.is_empty() {
+            log::info!("udp: no longer reading client datagrams; {} flows left until idle", self.flows());
         }
     }
 
     /// Datagrams from clients: relay each to its flow, making flows as needed.
     pub(crate) fn listener_event(&mut self, idx: usize, ctx: &mut Ctx<'_>) {
+        if self.draining {
+            return;
+        }
         let batch = self.batch.get_or_insert_with(|| Box::new(Batch::new()));
         let Some(l) = self.listeners.get_mut(idx) else { return };
         l.readable = true;
         // Bounded work per wake-up: at most 16 batches, then other sockets get a turn.
         for _ in 0..16 {
-            let Some(sock) = self.listeners[idx].sock.as_ref() else { return };
-            let n = match batch.recv(sock.as_fd()) {
+            let n = match batch.recv(self.listeners[idx].sock.as_fd()) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.listeners[idx].readable = false;
@@ -278,10 +293,7 @@ impl UdpRelay {
                 }));
             }
             let bytes: usize = outs.iter().map(|o| o.len).sum();
-            let sent = match l.sock.as_ref() {
-                Some(sock) => send_all(batch, sock.as_fd(), outs, &[], &mut l.gso),
-                None => 0,
-            };
+            let sent = send_all(batch, l.sock.as_fd(), outs, &[], &mut l.gso);
             l.stats.datagrams_down += sent as u64;
             l.stats.bytes_down += bytes as u64;
             l.stats.dropped += (outs.len() - sent) as u64;
