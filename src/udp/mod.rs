@@ -15,7 +15,7 @@ use mio::{Interest, Registry};
 use crate::proxy_protocol::{self as pp, Transport, Version};
 use crate::reactor::{Ctx, Kind, fixed_token, token};
 use crate::slab::{Key, Slab};
-use crate::stats::UdpStats;
+use crate::stats::{DropReason, UdpDirStats, UdpStats};
 use crate::sys::mmsg::{BATCH, Batch, Gso, Out, PktInfo};
 use crate::tcp::unmap;
 use crate::timer::Timer;
@@ -200,10 +200,17 @@ impl UdpRelay {
             let queue = &mut self.queue;
             for i in 0..n {
                 let meta = batch.meta[i];
-                let Some(client) = meta.source else { continue };
+                let count = meta.datagrams().count();
+                let stats = &mut self.listeners[idx].stats.up;
+                stats.received += count as u64;
+                let Some(client) = meta.source else {
+                    // No address, no flow (an IP socket always reports one).
+                    stats.add_dropped(DropReason::NoFlow, count);
+                    continue;
+                };
                 if meta.truncated {
                     // Never forward a truncated datagram (rule 14).
-                    self.listeners[idx].stats.dropped += 1;
+                    stats.add_dropped(DropReason::Truncated, count);
                     log::debug!("udp {client}: datagram larger than the buffer dropped");
                     continue;
                 }
@@ -219,17 +226,14 @@ impl UdpRelay {
                         match open_flow(&mut self.flows, &mut self.table, idx, l, client, meta.dst, ctx) {
                             Some(f) => f,
                             None => {
-                                l.stats.dropped += meta.datagrams().count() as u64;
+                                l.stats.up.add_dropped(DropReason::NoFlow, count);
                                 continue;
                             }
                         }
                     }
                 };
-                let l = &mut self.listeners[idx];
-                l.stats.bytes_up += meta.len as u64;
                 // A GRO buffer is several datagrams: each goes on alone.
                 for (offset, len) in meta.datagrams() {
-                    l.stats.datagrams_up += 1;
                     queue.pending.push((flow, Out { index: i, offset, len, to: None, from: None }));
                 }
             }
@@ -280,8 +284,10 @@ impl UdpRelay {
             outs.clear();
             let l = &mut self.listeners[idx];
             for (i, meta) in batch.meta.iter().enumerate() {
+                let count = meta.datagrams().count();
+                l.stats.down.received += count as u64;
                 if meta.truncated {
-                    l.stats.dropped += 1;
+                    l.stats.down.add_dropped(DropReason::Truncated, count);
                     continue;
                 }
                 outs.extend(meta.datagrams().map(|(offset, len)| Out {
@@ -292,11 +298,7 @@ impl UdpRelay {
                     from: flow.reply_from,
                 }));
             }
-            let bytes: usize = outs.iter().map(|o| o.len).sum();
-            let sent = send_all(batch, l.sock.as_fd(), outs, &[], &mut l.gso);
-            l.stats.datagrams_down += sent as u64;
-            l.stats.bytes_down += bytes as u64;
-            l.stats.dropped += (outs.len() - sent) as u64;
+            send_all(batch, l.sock.as_fd(), outs, &[], &mut l.gso, &mut l.stats.down);
             outs.clear();
             if n < BATCH {
                 return;
@@ -366,14 +368,16 @@ fn flush(batch: &mut Batch, flows: &mut Slab<Flow>, listeners: &mut [UdpListener
     // as they leave through different sockets.
     pending.sort_by_key(|&(flow, _)| flow);
     for run in pending.chunk_by(|a, b| a.0 == b.0) {
-        let Some(flow) = flows.get_mut(run[0].0) else { continue };
+        let Some(flow) = flows.get_mut(run[0].0) else {
+            listeners[idx].stats.up.add_dropped(DropReason::NoFlow, run.len());
+            continue;
+        };
         outs.clear();
         outs.extend(run.iter().map(|&(_, out)| out));
         let l = &listeners[idx];
         // One PROXY header per flow, in front of each of its datagrams.
         let (plen, prefix) = l.send_proxy.map_or((0, [0; 64]), |v| proxy_prefix(v, flow, l.addr));
-        let sent = send_all(batch, flow.sock.as_fd(), outs, &prefix[..plen], &mut flow.gso);
-        listeners[idx].stats.dropped += (outs.len() - sent) as u64;
+        send_all(batch, flow.sock.as_fd(), outs, &prefix[..plen], &mut flow.gso, &mut listeners[idx].stats.up);
     }
     pending.clear();
     outs.clear();
@@ -429,21 +433,37 @@ fn proxy_prefix(v: Version, flow: &Flow, listen: SocketAddr) -> (usize, [u8; 64]
     (len, p)
 }
 
-/// Sends every datagram of `outs` it can; returns how many went out.
-fn send_all(batch: &mut Batch, fd: std::os::fd::BorrowedFd<'_>, outs: &[Out], prefix: &[u8], gso: &mut Gso) -> usize {
-    let mut sent = 0;
-    while sent < outs.len() {
-        match batch.send(fd, &outs[sent..], prefix, gso) {
-            Ok(0) => break,
-            Ok(n) => sent += n,
+/// Sends every datagram of `outs` it can, counting each in `stats` as sent
+/// or dropped (send buffer full, or its send failed).
+fn send_all(
+    batch: &mut Batch,
+    fd: std::os::fd::BorrowedFd<'_>,
+    outs: &[Out],
+    prefix: &[u8],
+    gso: &mut Gso,
+    stats: &mut UdpDirStats,
+) {
+    let mut done = 0;
+    while done < outs.len() {
+        match batch.send(fd, &outs[done..], prefix, gso) {
+            Ok(0) => {
+                stats.add_dropped(DropReason::SendBufferFull, outs.len() - done);
+                return;
+            }
+            Ok(n) => {
+                stats.sent += n as u64;
+                stats.bytes_sent += outs[done..done + n].iter().map(|o| o.len as u64).sum::<u64>();
+                done += n;
+            }
             Err(e) => {
-                // One bad datagram (e.g. ECONNREFUSED from a stale ICMP): skip it.
+                // One bad datagram (EMSGSIZE; ECONNREFUSED from a stale ICMP,
+                // which the failed send consumed): skip it, send the rest.
                 log::debug!("udp send: {e}");
-                sent += 1;
+                stats.add_dropped(DropReason::SendError, 1);
+                done += 1;
             }
         }
     }
-    sent
 }
 
 fn sweep_every(timeout: Duration) -> Duration {
