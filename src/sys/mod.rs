@@ -5,7 +5,7 @@
 
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
 
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
@@ -101,8 +101,9 @@ pub fn tcp_listener(addr: SocketAddr, v6only: bool, backlog: i32) -> io::Result<
     Ok(fd)
 }
 
-/// A bound UDP socket, non-blocking and close-on-exec, that reports each
-/// datagram's destination address (IP_PKTINFO / IPV6_RECVPKTINFO).
+/// A bound UDP socket, non-blocking and close-on-exec. Reporting each
+/// datagram's destination address is turned on by `UdpRelay::add_listener`,
+/// the one place for it, as it also takes docker's inherited socket.
 ///
 /// No SO_REUSEADDR: on UDP it would let any other socket asking for it, of
 /// any user, bind the same address and receive the clients' datagrams (and
@@ -113,7 +114,6 @@ pub fn udp_listener(addr: SocketAddr, v6only: bool) -> io::Result<OwnedFd> {
     if addr.is_ipv6() {
         sock::setsockopt(&fd, sockopt::Ipv6V6Only, &v6only)?;
     }
-    enable_pktinfo(fd.as_fd(), addr.is_ipv6())?;
     bind(&fd, addr)?;
     Ok(fd)
 }

@@ -115,6 +115,7 @@ impl UdpRelay {
     ) -> io::Result<()> {
         sock.set_nonblocking(true)?;
         let addr = sock.local_addr()?;
+        // The one place PKTINFO is turned on: `sock` may come from docker (fd 4).
         crate::sys::enable_pktinfo(sock.as_fd(), addr.is_ipv6())?;
         if self.settings.gso && !crate::sys::mmsg::enable_gro(sock.as_fd()) {
             log::debug!("udp {addr}: no UDP_GRO on this kernel");
@@ -502,6 +503,32 @@ mod tests {
             assert_eq!(run.len(), BATCH);
             let arrival: Vec<_> = run.iter().map(|(_, o)| (o.index, o.offset)).collect();
             assert!(arrival.is_sorted(), "a flow's datagrams out of arrival order: {arrival:?}");
+        }
+    }
+
+    /// Whether a socket reports destination addresses (IP_PKTINFO, or
+    /// IPV6_RECVPKTINFO on an IPv6 socket).
+    fn pktinfo(fd: std::os::fd::BorrowedFd<'_>, ipv6: bool) -> bool {
+        use nix::sys::socket::{getsockopt, sockopt};
+        if ipv6 { getsockopt(&fd, sockopt::Ipv6RecvPacketInfo) } else { getsockopt(&fd, sockopt::Ipv4PacketInfo) }
+            .unwrap()
+    }
+
+    #[test]
+    fn add_listener_is_the_one_place_pktinfo_is_turned_on() {
+        let poll = mio::Poll::new().unwrap();
+        let mut relay =
+            UdpRelay::new(UdpSettings { timeout: Duration::from_secs(90), max_flows: 16, gso: false, rcvbuf: 0 });
+        let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let fd = crate::sys::udp_listener(addr, true).unwrap();
+            assert!(!pktinfo(fd.as_fd(), addr.is_ipv6()), "{addr}: udp_listener turned PKTINFO on");
+            // A socket made elsewhere, like docker's fd 4, gets it from add_listener.
+            let sock = std::net::UdpSocket::from(fd);
+            relay.add_listener(sock, target, None, poll.registry()).unwrap();
+            let l = relay.listeners.last().unwrap();
+            assert!(pktinfo(l.sock.as_fd(), addr.is_ipv6()), "{addr}: add_listener left PKTINFO off");
         }
     }
 }
