@@ -144,7 +144,7 @@ impl EventLoop {
                 }
             }
             self.tcp.resume_if_blocked(&mut ctx);
-            if stop || (self.draining && self.tcp.open_connections() == 0) {
+            if stop || (self.draining && self.tcp.open_connections() == 0 && self.udp.flows() == 0) {
                 // What is still open was cut short: reset it (ARCHITECTURE.md, "Exit").
                 self.tcp.reset_all(&mut ctx);
                 return Ok(());
@@ -186,7 +186,7 @@ fn on_signals(
                     );
                     *draining = true;
                     tcp.stop_accepting();
-                    udp.stop();
+                    udp.stop(ctx.registry);
                     ctx.timers.add(ctx.now + settings.drain_timeout, Timer::Drain);
                 }
             }

@@ -17,19 +17,55 @@ pub struct TcpStats {
     pub bytes_down: u64,
 }
 
+/// Why a datagram received was not sent on (its label is in `metrics`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// Larger than the receive buffer (MSG_TRUNC): never forwarded cut.
+    Truncated = 0,
+    /// No flow to send it on: its flow socket could not be opened, or the
+    /// flow was closed before its batch was sent.
+    NoFlow = 1,
+    /// The send failed (e.g. EMSGSIZE: too large for the other side's
+    /// address family; a pending ICMP error such as ECONNREFUSED).
+    SendError = 2,
+    /// The socket's send buffer was full (EAGAIN).
+    SendBufferFull = 3,
+}
+
+/// UDP counters of one direction of one listener. Every datagram received
+/// is, once its batch is done, either sent or dropped for one reason:
+/// `received = sent + dropped` (summed over reasons).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UdpDirStats {
+    /// Datagrams received (each datagram of a GRO buffer counts).
+    pub received: u64,
+    /// Datagrams the kernel accepted to send on.
+    pub sent: u64,
+    /// Payload bytes of the datagrams sent (a PROXY header not included).
+    pub bytes_sent: u64,
+    /// Datagrams dropped, by `DropReason as usize`.
+    pub dropped: [u64; 4],
+}
+
+impl UdpDirStats {
+    /// Datagrams dropped for `reason`.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.dropped[reason as usize]
+    }
+
+    /// Counts `n` datagrams dropped for `reason`.
+    pub fn add_dropped(&mut self, reason: DropReason, n: usize) {
+        self.dropped[reason as usize] += n as u64;
+    }
+}
+
 /// UDP counters of one listener.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct UdpStats {
-    /// Datagrams client -> backend.
-    pub datagrams_up: u64,
-    /// Datagrams backend -> client.
-    pub datagrams_down: u64,
-    /// Bytes client -> backend.
-    pub bytes_up: u64,
-    /// Bytes backend -> client.
-    pub bytes_down: u64,
-    /// Datagrams dropped (truncated, no flow possible, send queue full).
-    pub dropped: u64,
     /// Flows created since start.
     pub flows_total: u64,
+    /// Client -> backend.
+    pub up: UdpDirStats,
+    /// Backend -> client.
+    pub down: UdpDirStats,
 }

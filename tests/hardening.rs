@@ -1154,9 +1154,13 @@ fn stats_lines_sigusr1_and_metrics_count_exactly() {
         format!("splice_relay_tcp_connections_open{labels} 0"),
         format!("splice_relay_tcp_bytes_up_total{labels} {LEN}"),
         format!("splice_relay_tcp_bytes_down_total{labels} {LEN}"),
-        "# TYPE splice_relay_udp_datagrams_up_total counter".to_string(),
-        format!("splice_relay_udp_datagrams_up_total{labels} 7"),
-        format!("splice_relay_udp_datagrams_down_total{labels} 7"),
+        "# TYPE splice_relay_udp_datagrams_sent_total counter".to_string(),
+        format!(
+            "splice_relay_udp_datagrams_sent_total{{listen=\"127.0.0.1:{port}\",target=\"127.0.0.1:{q}\",direction=\"up\"}} 7"
+        ),
+        format!(
+            "splice_relay_udp_datagrams_sent_total{{listen=\"127.0.0.1:{port}\",target=\"127.0.0.1:{q}\",direction=\"down\"}} 7"
+        ),
         format!("splice_relay_udp_flows_total{labels} 1"),
     ] {
         assert!(page.lines().any(|l| l == want), "no line {want:?} in:\n{page}");

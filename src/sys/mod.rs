@@ -153,15 +153,19 @@ pub fn tcp_listener(addr: SocketAddr, v6only: bool, backlog: i32) -> io::Result<
     Ok(fd)
 }
 
-/// A bound UDP socket, non-blocking and close-on-exec, that reports each
-/// datagram's destination address (IP_PKTINFO / IPV6_RECVPKTINFO).
+/// A bound UDP socket, non-blocking and close-on-exec. Reporting each
+/// datagram's destination address is turned on by `UdpRelay::add_listener`,
+/// the one place for it, as it also takes docker's inherited socket.
+///
+/// No SO_REUSEADDR: on UDP it would let any other socket asking for it, of
+/// any user, bind the same address and receive the clients' datagrams (and
+/// a second forward on the same port would start without an error). UDP has
+/// no TIME_WAIT, so a restart does not need it.
 pub fn udp_listener(addr: SocketAddr, v6only: bool) -> io::Result<OwnedFd> {
     let fd = socket_for(addr, sock::SockType::Datagram)?;
-    sock::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     if addr.is_ipv6() {
         sock::setsockopt(&fd, sockopt::Ipv6V6Only, &v6only)?;
     }
-    enable_pktinfo(fd.as_fd(), addr.is_ipv6())?;
     bind(&fd, addr)?;
     Ok(fd)
 }
@@ -277,3 +281,57 @@ pub fn sockaddr_to_std(s: &sock::SockaddrStorage) -> Option<SocketAddr> {
 }
 
 pub mod mmsg;
+
+/// Counts the heap allocations of each thread, for unit tests that assert a
+/// path allocates nothing (the unit-test binary's global allocator).
+#[cfg(test)]
+pub(crate) mod alloc_count {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static COUNT: Cell<u64> = const { Cell::new(0) };
+    }
+
+    fn count() {
+        // A const-initialised Cell has no destructor: touching it never allocates.
+        let _ = COUNT.try_with(|c| c.set(c.get() + 1));
+    }
+
+    struct Counting;
+
+    // SAFETY: every call is passed on unchanged to the system allocator,
+    // which upholds GlobalAlloc's contract; counting touches no heap memory.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            count();
+            // SAFETY: the caller's guarantees for `alloc` are passed on as they are.
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            count();
+            // SAFETY: as for `alloc`.
+            unsafe { System.alloc_zeroed(layout) }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            count();
+            // SAFETY: `ptr` came from this allocator, that is from System, with `layout`.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: `ptr` came from System with `layout`.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static GLOBAL: Counting = Counting;
+
+    /// Heap allocations (and reallocations) this thread has made so far.
+    pub(crate) fn allocations() -> u64 {
+        COUNT.with(|c| c.get())
+    }
+}

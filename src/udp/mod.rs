@@ -15,7 +15,7 @@ use mio::{Interest, Registry};
 use crate::proxy_protocol::{self as pp, Transport, Version};
 use crate::reactor::{Ctx, Kind, fixed_token, token};
 use crate::slab::{Key, Slab};
-use crate::stats::UdpStats;
+use crate::stats::{DropReason, UdpDirStats, UdpStats};
 use crate::sys::mmsg::{BATCH, Batch, Gso, Out, PktInfo};
 use crate::timer::Timer;
 use crate::unmap;
@@ -37,7 +37,8 @@ pub struct UdpSettings {
 
 /// A listening UDP socket and where its datagrams go.
 pub struct UdpListener {
-    sock: Option<UdpSocket>,
+    /// Receives from clients and sends their replies.
+    sock: UdpSocket,
     /// The listening address.
     pub addr: SocketAddr,
     /// The backend.
@@ -82,6 +83,8 @@ pub struct UdpRelay {
     batch: Option<Box<Batch>>,
     settings: UdpSettings,
     sweeping: bool,
+    /// Draining: client datagrams are no longer read; replies still go out.
+    draining: bool,
     ready: Vec<Ready>,
     queue: OutQueue,
 }
@@ -96,6 +99,7 @@ impl UdpRelay {
             batch: None,
             settings,
             sweeping: false,
+            draining: false,
             ready: Vec::new(),
             queue: OutQueue::default(),
         }
@@ -111,6 +115,7 @@ impl UdpRelay {
     ) -> io::Result<()> {
         sock.set_nonblocking(true)?;
         let addr = sock.local_addr()?;
+        // The one place PKTINFO is turned on: `sock` may come from docker (fd 4).
         crate::sys::enable_pktinfo(sock.as_fd(), addr.is_ipv6())?;
         if self.settings.gso && !crate::sys::mmsg::enable_gro(sock.as_fd()) {
             log::debug!("udp {addr}: no UDP_GRO on this kernel");
@@ -128,7 +133,7 @@ impl UdpRelay {
         let mut sock = UdpSocket::from_std(sock);
         registry.register(&mut sock, fixed_token(Kind::UdpListener, self.listeners.len()), Interest::READABLE)?;
         self.listeners.push(UdpListener {
-            sock: Some(sock),
+            sock,
             addr,
             target,
             send_proxy,
@@ -156,22 +161,33 @@ impl UdpRelay {
         }
     }
 
-    /// Stops receiving from clients (drain); open flows still deliver replies.
-    pub fn stop(&mut self) {
+    /// Starts the drain: client datagrams are no longer read (so no flow
+    /// opens), while the listening sockets stay open as the reply path of the
+    /// flows left, which close when idle. The caller exits once `flows()` is 0.
+    pub fn stop(&mut self, registry: &Registry) {
+        self.draining = true;
         for l in &mut self.listeners {
-            l.sock = None;
+            // Unregistered, datagrams still arriving do not wake the loop.
+            if let Err(e) = registry.deregister(&mut l.sock) {
+                log::debug!("udp {}: deregister: {e}", l.addr);
+            }
+        }
+        if !self.listeners.is_empty() {
+            log::info!("udp: no longer reading client datagrams; {} flows left until idle", self.flows());
         }
     }
 
     /// Datagrams from clients: relay each to its flow, making flows as needed.
     pub(crate) fn listener_event(&mut self, idx: usize, ctx: &mut Ctx<'_>) {
+        if self.draining {
+            return;
+        }
         let batch = self.batch.get_or_insert_with(|| Box::new(Batch::new()));
         let Some(l) = self.listeners.get_mut(idx) else { return };
         l.readable = true;
         // Bounded work per wake-up: at most 16 batches, then other sockets get a turn.
         for _ in 0..16 {
-            let Some(sock) = self.listeners[idx].sock.as_ref() else { return };
-            let n = match batch.recv(sock.as_fd()) {
+            let n = match batch.recv(self.listeners[idx].sock.as_fd()) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.listeners[idx].readable = false;
@@ -185,10 +201,17 @@ impl UdpRelay {
             let queue = &mut self.queue;
             for i in 0..n {
                 let meta = batch.meta[i];
-                let Some(client) = meta.source else { continue };
+                let count = meta.datagrams().count();
+                let stats = &mut self.listeners[idx].stats.up;
+                stats.received += count as u64;
+                let Some(client) = meta.source else {
+                    // No address, no flow (an IP socket always reports one).
+                    stats.add_dropped(DropReason::NoFlow, count);
+                    continue;
+                };
                 if meta.truncated {
                     // Never forward a truncated datagram (rule 14).
-                    self.listeners[idx].stats.dropped += 1;
+                    stats.add_dropped(DropReason::Truncated, count);
                     log::debug!("udp {client}: datagram larger than the buffer dropped");
                     continue;
                 }
@@ -204,17 +227,14 @@ impl UdpRelay {
                         match open_flow(&mut self.flows, &mut self.table, idx, l, client, meta.dst, ctx) {
                             Some(f) => f,
                             None => {
-                                l.stats.dropped += meta.datagrams().count() as u64;
+                                l.stats.up.add_dropped(DropReason::NoFlow, count);
                                 continue;
                             }
                         }
                     }
                 };
-                let l = &mut self.listeners[idx];
-                l.stats.bytes_up += meta.len as u64;
                 // A GRO buffer is several datagrams: each goes on alone.
                 for (offset, len) in meta.datagrams() {
-                    l.stats.datagrams_up += 1;
                     queue.pending.push((flow, Out { index: i, offset, len, to: None, from: None }));
                 }
             }
@@ -265,8 +285,10 @@ impl UdpRelay {
             outs.clear();
             let l = &mut self.listeners[idx];
             for (i, meta) in batch.meta.iter().enumerate() {
+                let count = meta.datagrams().count();
+                l.stats.down.received += count as u64;
                 if meta.truncated {
-                    l.stats.dropped += 1;
+                    l.stats.down.add_dropped(DropReason::Truncated, count);
                     continue;
                 }
                 outs.extend(meta.datagrams().map(|(offset, len)| Out {
@@ -277,14 +299,7 @@ impl UdpRelay {
                     from: flow.reply_from,
                 }));
             }
-            let bytes: usize = outs.iter().map(|o| o.len).sum();
-            let sent = match l.sock.as_ref() {
-                Some(sock) => send_all(batch, sock.as_fd(), outs, &[], &mut l.gso),
-                None => 0,
-            };
-            l.stats.datagrams_down += sent as u64;
-            l.stats.bytes_down += bytes as u64;
-            l.stats.dropped += (outs.len() - sent) as u64;
+            send_all(batch, l.sock.as_fd(), outs, &[], &mut l.gso, &mut l.stats.down);
             outs.clear();
             if n < BATCH {
                 return;
@@ -347,24 +362,32 @@ struct OutQueue {
 /// Sends the queued datagrams, each flow's in one sendmmsg, and empties the queue.
 fn flush(batch: &mut Batch, flows: &mut Slab<Flow>, listeners: &mut [UdpListener], idx: usize, queue: &mut OutQueue) {
     let OutQueue { pending, outs } = queue;
-    // Each flow's datagrams together, so clients whose datagrams arrive
-    // interleaved still cost one sendmmsg per flow, not one per datagram.
-    // The sort is stable (a flow's datagrams keep their order) and one pass
-    // over a batch that is already grouped; order across flows is not kept,
-    // as they leave through different sockets.
-    pending.sort_by_key(|&(flow, _)| flow);
+    group_by_flow(pending);
     for run in pending.chunk_by(|a, b| a.0 == b.0) {
-        let Some(flow) = flows.get_mut(run[0].0) else { continue };
+        let Some(flow) = flows.get_mut(run[0].0) else {
+            listeners[idx].stats.up.add_dropped(DropReason::NoFlow, run.len());
+            continue;
+        };
         outs.clear();
         outs.extend(run.iter().map(|&(_, out)| out));
         let l = &listeners[idx];
         // One PROXY header per flow, in front of each of its datagrams.
         let (plen, prefix) = l.send_proxy.map_or((0, [0; 64]), |v| proxy_prefix(v, flow, l.addr));
-        let sent = send_all(batch, flow.sock.as_fd(), outs, &prefix[..plen], &mut flow.gso);
-        listeners[idx].stats.dropped += (outs.len() - sent) as u64;
+        send_all(batch, flow.sock.as_fd(), outs, &prefix[..plen], &mut flow.gso, &mut listeners[idx].stats.up);
     }
     pending.clear();
     outs.clear();
+}
+
+/// Puts each flow's datagrams together, so clients whose datagrams arrive
+/// interleaved still cost one sendmmsg per flow, not one per datagram. A
+/// flow's datagrams keep their order; order across flows is not kept, as
+/// they leave through different sockets.
+fn group_by_flow(pending: &mut [(Key, Out)]) {
+    // The queue holds one received batch, so (buffer, offset in it) is the
+    // arrival order, and an unstable sort on (flow, arrival) keeps it
+    // without the scratch memory a stable sort allocates.
+    pending.sort_unstable_by_key(|&(flow, out)| (flow, out.index, out.offset));
 }
 
 /// Creates a flow: a socket connected to the backend, registered for replies.
@@ -417,23 +440,95 @@ fn proxy_prefix(v: Version, flow: &Flow, listen: SocketAddr) -> (usize, [u8; 64]
     (len, p)
 }
 
-/// Sends every datagram of `outs` it can; returns how many went out.
-fn send_all(batch: &mut Batch, fd: std::os::fd::BorrowedFd<'_>, outs: &[Out], prefix: &[u8], gso: &mut Gso) -> usize {
-    let mut sent = 0;
-    while sent < outs.len() {
-        match batch.send(fd, &outs[sent..], prefix, gso) {
-            Ok(0) => break,
-            Ok(n) => sent += n,
+/// Sends every datagram of `outs` it can, counting each in `stats` as sent
+/// or dropped (send buffer full, or its send failed).
+fn send_all(
+    batch: &mut Batch,
+    fd: std::os::fd::BorrowedFd<'_>,
+    outs: &[Out],
+    prefix: &[u8],
+    gso: &mut Gso,
+    stats: &mut UdpDirStats,
+) {
+    let mut done = 0;
+    while done < outs.len() {
+        match batch.send(fd, &outs[done..], prefix, gso) {
+            Ok(0) => {
+                stats.add_dropped(DropReason::SendBufferFull, outs.len() - done);
+                return;
+            }
+            Ok(n) => {
+                stats.sent += n as u64;
+                stats.bytes_sent += outs[done..done + n].iter().map(|o| o.len as u64).sum::<u64>();
+                done += n;
+            }
             Err(e) => {
-                // One bad datagram (e.g. ECONNREFUSED from a stale ICMP): skip it.
+                // One bad datagram (EMSGSIZE; ECONNREFUSED from a stale ICMP,
+                // which the failed send consumed): skip it, send the rest.
                 log::debug!("udp send: {e}");
-                sent += 1;
+                stats.add_dropped(DropReason::SendError, 1);
+                done += 1;
             }
         }
     }
-    sent
 }
 
 fn sweep_every(timeout: Duration) -> Duration {
     (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::alloc_count::allocations;
+
+    #[test]
+    fn grouping_by_flow_keeps_each_flows_order_and_allocates_nothing() {
+        // 4 flows interleaved over a batch of 32 GRO buffers of 4 segments:
+        // 128 datagrams, more than a stable sort can sort on the stack.
+        let flows = [Key::from_parts(3, 0), Key::from_parts(1, 2), Key::from_parts(0, 0), Key::from_parts(2, 1)];
+        let mut pending = Vec::with_capacity(BATCH * 4);
+        for index in 0..BATCH {
+            for seg in 0..4 {
+                let out = Out { index, offset: seg * 100, len: 100, to: None, from: None };
+                pending.push((flows[(index + seg) % 4], out));
+            }
+        }
+        let before = allocations();
+        group_by_flow(&mut pending);
+        assert_eq!(allocations(), before, "grouping a batch allocated");
+        let runs: Vec<_> = pending.chunk_by(|a, b| a.0 == b.0).collect();
+        assert_eq!(runs.len(), 4, "each flow's datagrams together");
+        for run in runs {
+            assert_eq!(run.len(), BATCH);
+            let arrival: Vec<_> = run.iter().map(|(_, o)| (o.index, o.offset)).collect();
+            assert!(arrival.is_sorted(), "a flow's datagrams out of arrival order: {arrival:?}");
+        }
+    }
+
+    /// Whether a socket reports destination addresses (IP_PKTINFO, or
+    /// IPV6_RECVPKTINFO on an IPv6 socket).
+    fn pktinfo(fd: std::os::fd::BorrowedFd<'_>, ipv6: bool) -> bool {
+        use nix::sys::socket::{getsockopt, sockopt};
+        if ipv6 { getsockopt(&fd, sockopt::Ipv6RecvPacketInfo) } else { getsockopt(&fd, sockopt::Ipv4PacketInfo) }
+            .unwrap()
+    }
+
+    #[test]
+    fn add_listener_is_the_one_place_pktinfo_is_turned_on() {
+        let poll = mio::Poll::new().unwrap();
+        let mut relay =
+            UdpRelay::new(UdpSettings { timeout: Duration::from_secs(90), max_flows: 16, gso: false, rcvbuf: 0 });
+        let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let fd = crate::sys::udp_listener(addr, true).unwrap();
+            assert!(!pktinfo(fd.as_fd(), addr.is_ipv6()), "{addr}: udp_listener turned PKTINFO on");
+            // A socket made elsewhere, like docker's fd 4, gets it from add_listener.
+            let sock = std::net::UdpSocket::from(fd);
+            relay.add_listener(sock, target, None, poll.registry()).unwrap();
+            let l = relay.listeners.last().unwrap();
+            assert!(pktinfo(l.sock.as_fd(), addr.is_ipv6()), "{addr}: add_listener left PKTINFO off");
+        }
+    }
 }
