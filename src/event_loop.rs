@@ -101,7 +101,8 @@ impl EventLoop {
                     }
                     Kind::Metrics | Kind::MetricsConn => {
                         if let Some(m) = self.metrics.as_mut() {
-                            m.event(kind, key, &self.tcp, &self.udp, &mut ctx);
+                            let (tcp, udp) = (&self.tcp, &self.udp);
+                            m.event(kind, key, || crate::metrics::prometheus(tcp, udp), &mut ctx);
                         }
                     }
                 }
@@ -113,6 +114,11 @@ impl EventLoop {
                     Timer::Conn(key) => self.tcp.conn_timer(key, &mut ctx),
                     Timer::Listener(idx) => self.tcp.listener_timer(idx, &mut ctx),
                     Timer::UdpSweep => self.udp.sweep(&mut ctx),
+                    Timer::Metrics(key) => {
+                        if let Some(m) = self.metrics.as_mut() {
+                            m.timer(key, &mut ctx);
+                        }
+                    }
                     Timer::Drain => {
                         log::info!(
                             "drain timeout reached with {} connections open; exiting",
