@@ -68,7 +68,8 @@ impl EventLoop {
         }
         self.udp.start(&mut Ctx { registry: self.poll.registry(), timers: &mut self.timers, now });
         loop {
-            let timeout = if self.tcp.has_ready() || self.udp.has_ready() {
+            let metrics_ready = self.metrics.as_ref().is_some_and(|m| m.has_ready());
+            let timeout = if self.tcp.has_ready() || self.udp.has_ready() || metrics_ready {
                 Some(Duration::ZERO)
             } else {
                 self.timers.next_timeout(Instant::now())
@@ -109,6 +110,9 @@ impl EventLoop {
             }
             self.tcp.run_ready(&mut ctx);
             self.udp.run_ready(&mut ctx);
+            if let Some(m) = self.metrics.as_mut() {
+                m.run_ready(&mut ctx);
+            }
             while let Some(t) = ctx.timers.pop_due(now) {
                 match t {
                     Timer::Conn(key) => self.tcp.conn_timer(key, &mut ctx),

@@ -1,12 +1,15 @@
 //! The metrics endpoint under abuse, end to end through the real binary on
 //! loopback: idle and trickling clients are bounded in number and time, so
-//! they take no fds from the data path; only `GET /metrics` and `GET /` get
-//! the page.
+//! they take neither fds nor turns from the data path; only `GET /metrics`
+//! and `GET /` get the page; the page of 1,000 forwards reaches hundreds of
+//! clients at once, whole, without stalling relayed traffic.
 mod common;
 use common::*;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -309,5 +312,163 @@ fn only_get_metrics_gets_the_page() {
             assert_eq!(resp.header("Allow"), Some("GET"), "{what}: {}", resp.head);
         }
     }
+    assert_alive(&mut r);
+}
+
+/// The first of `n` consecutive ports free for TCP on 127.0.0.1, below the
+/// ephemeral range so that port-0 sockets of other tests do not take them.
+fn free_range(n: u16, attempt: u32) -> Option<u16> {
+    let eph_lo = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (lo, hi) = if eph_lo > 10_000 + 2 * n { (10_000, eph_lo - n) } else { (eph_lo.max(1024), 65535 - n) };
+    let seed = (std::process::id() as u64).wrapping_mul(2654435761)
+        ^ u64::from(attempt).wrapping_mul(40503)
+        ^ u64::from(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos(),
+        );
+    let base = lo + (seed % u64::from(hi - lo)) as u16;
+    let held: Vec<_> = (base..base + n).map_while(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok()).collect();
+    (held.len() == n as usize).then_some(base)
+}
+
+/// Percentiles of probe round trips, in milliseconds.
+fn summary(rtts: &[Duration]) -> String {
+    let mut v: Vec<f64> = rtts.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    v.sort_by(f64::total_cmp);
+    let q = |p: f64| v.get(((v.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
+    format!("n {} p50 {:.2} ms p99 {:.2} ms max {:.2} ms", v.len(), q(0.5), q(0.99), q(1.0))
+}
+
+/// Echo probes of 100 bytes through `c`, one every 5 ms, until `done()` or
+/// `limit`; returns the round trips.
+fn probe(c: &mut TcpStream, limit: Duration, done: impl Fn() -> bool) -> Vec<Duration> {
+    let t0 = Instant::now();
+    let mut rtts = Vec::new();
+    for i in 0..100_000u64 {
+        if done() || t0.elapsed() > limit {
+            break;
+        }
+        let msg = pattern(i, 100);
+        let t = Instant::now();
+        echo(c, &msg).unwrap_or_else(|e| panic!("probe {i}: {e}"));
+        rtts.push(t.elapsed());
+        thread::sleep(Duration::from_millis(5));
+    }
+    rtts
+}
+
+/// A relay with a 1,000-port range forward (a 0.5 MB page): the page is
+/// served whole to a client that reads it late and to 300 clients at once,
+/// and relayed traffic keeps moving while 8 clients scrape in a loop.
+#[test]
+fn a_thousand_forwards_scraped_hard() {
+    const N: u16 = 1000;
+    // The echo backend is the range's first target; the others are never used.
+    let echo_port = (0..20)
+        .map(|_| echo_server("127.0.0.1:0").port())
+        .find(|p| u32::from(*p) + u32::from(N) <= 65535)
+        .expect("an echo port with 1,000 ports above it");
+    let mport = free_port();
+    let mut started = None;
+    for attempt in 0..20 {
+        let Some(base) = free_range(N, attempt) else { continue };
+        let fwd = format!("127.0.0.1:{}-{}=127.0.0.1:{}-{}", base, base + N - 1, echo_port, echo_port + N - 1);
+        let mut r = Relay::start_with(&["--metrics", &format!("127.0.0.1:{mport}"), &fwd], |cmd| {
+            cmd.env("RUST_LOG", "info");
+        });
+        let up = wait_until(Duration::from_secs(60), || {
+            r.child.try_wait().unwrap().is_some() || r.log().contains("metrics on http://")
+        });
+        if up && r.child.try_wait().unwrap().is_none() {
+            started = Some((r, base));
+            break;
+        }
+        eprintln!("attempt {attempt} with ports {base}-{}: {}", base + N - 1, r.log().lines().last().unwrap_or(""));
+    }
+    let (mut r, base) = started.expect("no 1,000 consecutive free ports in 20 attempts");
+    let page = wait_for_page(mport, Duration::from_secs(30));
+    let last_label = format!("listen=\"127.0.0.1:{}\"", base + N - 1);
+    assert!(String::from_utf8_lossy(&page.body).contains(&last_label), "no {last_label} on the page");
+    eprintln!("page: {} bytes", page.body.len());
+
+    // A client that sends its request and reads only 3 s later.
+    let late = thread::spawn(move || -> Result<Response, String> {
+        let mut s = connect(&format!("127.0.0.1:{mport}"));
+        s.write_all(SCRAPE).map_err(|e| e.to_string())?;
+        thread::sleep(Duration::from_secs(3));
+        let (raw, end) = read_all(&mut s, Duration::from_secs(30));
+        if end != End::Eof {
+            return Err(format!("{end:?} after {} bytes", raw.len()));
+        }
+        parse(&raw)
+    });
+    let mut c = connect(&format!("127.0.0.1:{base}"));
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let quiet = probe(&mut c, Duration::from_secs(2), || false);
+    eprintln!("probes, no scrapes: {}", summary(&quiet));
+
+    // Eight clients scraping in a loop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let scrapers: Vec<_> = (0..8)
+        .map(|_| {
+            let stop = stop.clone();
+            thread::spawn(move || -> Result<usize, String> {
+                let mut n = 0;
+                for _ in 0..100_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    scrape(mport).and_then(|p| p.check_page()).map_err(|e| format!("scrape {n}: {e}"))?;
+                    n += 1;
+                }
+                Ok(n)
+            })
+        })
+        .collect();
+    let busy = probe(&mut c, Duration::from_secs(5), || false);
+    stop.store(true, Ordering::Relaxed);
+    let counts: Vec<usize> = scrapers.into_iter().map(|t| t.join().unwrap().unwrap()).collect();
+    eprintln!("probes, 8 looping scrapers ({counts:?} scrapes): {}", summary(&busy));
+
+    // 300 scrapes at once.
+    let gate = Arc::new(Barrier::new(300));
+    let many: Vec<_> = (0..300)
+        .map(|_| {
+            let gate = gate.clone();
+            thread::spawn(move || {
+                gate.wait();
+                scrape(mport).and_then(|p| p.check_page())
+            })
+        })
+        .collect();
+    let burst = probe(&mut c, Duration::from_secs(120), || many.iter().all(|t| t.is_finished()));
+    let failed: Vec<String> = many
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.join().unwrap().err().map(|e| format!("{i}: {e}")))
+        .collect();
+    eprintln!("probes, 300 concurrent scrapes: {}", summary(&burst));
+    assert!(
+        failed.is_empty(),
+        "{} of 300 concurrent scrapes failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+
+    let late = late.join().unwrap().unwrap_or_else(|e| panic!("the client reading after 3 s: {e}"));
+    late.check_page().unwrap_or_else(|e| panic!("the client reading after 3 s: {e}"));
+
+    // Generous bounds, for a loaded 2-core machine: no stall of half a
+    // second, and the median probe does not wait for a page to be built.
+    for (name, rtts) in [("quiet", &quiet), ("8 scrapers", &busy), ("300 scrapes", &burst)] {
+        let worst = rtts.iter().max().copied().unwrap_or_default();
+        assert!(worst < Duration::from_millis(500), "{name}: a probe took {worst:?} ({})", summary(rtts));
+    }
+    let mut sorted = busy.clone();
+    sorted.sort();
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(Duration::MAX);
+    assert!(median < Duration::from_millis(10), "8 scrapers: median probe {median:?} ({})", summary(&busy));
     assert_alive(&mut r);
 }

@@ -59,6 +59,8 @@ pub(super) enum WriteEnd {
     Done,
     /// The socket is full; its next writable edge continues.
     Blocked,
+    /// The turn's budget is spent; the ready list continues.
+    Budget,
     /// The socket failed.
     Failed(io::Error),
 }
@@ -170,10 +172,12 @@ fn is_ctl(b: u8) -> bool {
     b < 0x20 || b == 0x7f
 }
 
-/// Writes `resp` from `*sent` until it is all out or the socket is full.
-pub(super) fn write_some(sock: &mut impl Write, resp: &[u8], sent: &mut usize) -> WriteEnd {
-    while *sent < resp.len() {
-        match sock.write(&resp[*sent..]) {
+/// Writes `resp` from `*sent` until it is all out, the socket is full, or
+/// `budget` bytes went out in this call.
+pub(super) fn write_some(sock: &mut impl Write, resp: &[u8], sent: &mut usize, budget: usize) -> WriteEnd {
+    let stop = resp.len().min(sent.saturating_add(budget));
+    while *sent < stop {
+        match sock.write(&resp[*sent..stop]) {
             Ok(0) => return WriteEnd::Failed(io::ErrorKind::WriteZero.into()),
             Ok(n) => *sent += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return WriteEnd::Blocked,
@@ -181,7 +185,7 @@ pub(super) fn write_some(sock: &mut impl Write, resp: &[u8], sent: &mut usize) -
             Err(e) => return WriteEnd::Failed(e),
         }
     }
-    WriteEnd::Done
+    if *sent == resp.len() { WriteEnd::Done } else { WriteEnd::Budget }
 }
 
 /// Reads and drops up to `DRAIN` bytes the client sent beyond its head.
@@ -321,19 +325,29 @@ mod tests {
     }
 
     #[test]
-    fn a_response_goes_out_as_the_socket_takes_it() {
+    fn a_response_goes_out_in_budgeted_pieces_as_the_socket_takes_it() {
+        const BUDGET: usize = 64 << 10;
         let resp: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
         let mut sink = Sink { got: Vec::new(), room: usize::MAX, step: 10_000 };
         let mut sent = 0;
-        assert!(matches!(write_some(&mut sink, &resp, &mut sent), WriteEnd::Done));
+        let mut turns = 0;
+        loop {
+            turns += 1;
+            match write_some(&mut sink, &resp, &mut sent, BUDGET) {
+                WriteEnd::Budget => assert_eq!(sent, turns * BUDGET),
+                WriteEnd::Done => break,
+                _ => panic!("unexpected end"),
+            }
+        }
+        assert_eq!(turns, resp.len().div_ceil(BUDGET));
         assert_eq!(sink.got, resp);
 
         let mut sink = Sink { got: Vec::new(), room: 5_000, step: 1_000 };
         let mut sent = 0;
-        assert!(matches!(write_some(&mut sink, &resp, &mut sent), WriteEnd::Blocked));
+        assert!(matches!(write_some(&mut sink, &resp, &mut sent, BUDGET), WriteEnd::Blocked));
         assert_eq!(sent, 5_000);
         sink.room = 9_000;
-        assert!(matches!(write_some(&mut sink, &resp, &mut sent), WriteEnd::Blocked));
+        assert!(matches!(write_some(&mut sink, &resp, &mut sent, BUDGET), WriteEnd::Blocked));
         assert_eq!((sent, &sink.got[..]), (9_000, &resp[..9_000]));
     }
 }

@@ -1,14 +1,17 @@
 //! The metrics endpoint: a small HTTP/1.0 server on the event loop that
 //! answers `GET /metrics` (and `GET /`) with the Prometheus page.
 //!
-//! Scrapers must never cost the data path fds. So clients are capped in
-//! number (the others wait in the listen backlog, holding no fd of ours)
-//! and bounded in time and memory, and each response is written in pieces
-//! as the client's socket takes them.
+//! Scrapers must never cost the data path fds or turns. So clients are
+//! capped in number (the others wait in the listen backlog, holding no fd of
+//! ours) and bounded in time and memory; the page is built at most once per
+//! [`PAGE_TTL`] and shared by every client; and each response is written in
+//! pieces as the client's socket takes them, at most [`WRITE_BUDGET`] bytes
+//! per client per turn.
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
@@ -38,6 +41,13 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// the kernel; a client that does not read its response by then is reset.
 /// Prometheus' own default scrape timeout is also 10 s.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a built page is served before the next scrape builds it again,
+/// so scrapes cost one page per second however many there are; the
+/// counters a scrape sees lag by at most this much.
+const PAGE_TTL: Duration = Duration::from_secs(1);
+/// Bytes written to one client per turn; the rest waits until the data path
+/// and the other clients had theirs.
+const WRITE_BUDGET: usize = 64 << 10;
 
 /// One metrics client, in the phase of its single request.
 struct Client {
@@ -52,10 +62,10 @@ enum Phase {
     /// Reading the request head, at most `http::MAX_HEAD` bytes.
     Head(Vec<u8>),
     /// Writing `resp`, of which `sent` bytes are out.
-    Reply { resp: Vec<u8>, sent: usize },
+    Reply { resp: Rc<[u8]>, sent: usize },
 }
 
-/// The metrics HTTP server: its listener and clients.
+/// The metrics HTTP server: its listener, clients, and the shared page.
 pub struct Metrics {
     listener: TcpListener,
     /// The listener may have clients waiting (no WouldBlock since its last edge).
@@ -63,6 +73,10 @@ pub struct Metrics {
     clients: Slab<Client>,
     /// `MAX_CLIENTS`, or less under a small fd limit.
     max_clients: usize,
+    /// The last response page built, and when.
+    page: Option<(Instant, Rc<[u8]>)>,
+    /// Clients whose turn's budget ran out with bytes left to write.
+    ready: Vec<Key>,
     /// The last accept failed for lack of fds or memory (warned once).
     starved: bool,
 }
@@ -77,10 +91,19 @@ impl Metrics {
         let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map(|(soft, _)| soft);
         let max_clients = client_cap(nofile.unwrap_or(u64::MAX));
         log::debug!("metrics: at most {max_clients} clients at once");
-        Ok(Metrics { listener, pending: true, clients: Slab::default(), max_clients, starved: false })
+        Ok(Metrics {
+            listener,
+            pending: true,
+            clients: Slab::default(),
+            max_clients,
+            page: None,
+            ready: Vec::new(),
+            starved: false,
+        })
     }
 
-    /// Readiness on the listener or a client; `page` builds the metrics text.
+    /// Readiness on the listener or a client; `page` builds the metrics
+    /// text, called only when the shared page is due to be built again.
     pub(crate) fn event(&mut self, kind: Kind, key: Key, page: impl FnOnce() -> String, ctx: &mut Ctx<'_>) {
         if kind == Kind::Metrics {
             self.pending = true;
@@ -95,8 +118,8 @@ impl Metrics {
                 HeadRead::Gone => return self.close(key, false, ctx),
             };
             let resp = match answer {
-                Answer::Page => page_response(&page()),
-                Answer::Refuse(why) => why.response(),
+                Answer::Page => shared_page(&mut self.page, ctx.now, page),
+                Answer::Refuse(why) => why.response().into(),
             };
             c.phase = Phase::Reply { resp, sent: 0 };
             c.deadline = ctx.now + WRITE_TIMEOUT;
@@ -122,6 +145,18 @@ impl Metrics {
                 log::debug!("metrics client: response not taken within {WRITE_TIMEOUT:?}; reset");
                 self.close(key, true, ctx);
             }
+        }
+    }
+
+    /// True if some client has bytes left from a spent budget.
+    pub(crate) fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// Continues the clients whose budget ran out last turn.
+    pub(crate) fn run_ready(&mut self, ctx: &mut Ctx<'_>) {
+        for key in std::mem::take(&mut self.ready) {
+            self.write_out(key, ctx);
         }
     }
 
@@ -160,14 +195,19 @@ impl Metrics {
         }
     }
 
-    /// Writes as much of a client's response as its socket takes; closes
-    /// the client once all of it is out.
+    /// Writes as much of a client's response as its socket takes, up to
+    /// the budget; closes the client once all of it is out.
     fn write_out(&mut self, key: Key, ctx: &mut Ctx<'_>) {
         let Some(c) = self.clients.get_mut(key) else { return };
         let Phase::Reply { resp, sent } = &mut c.phase else { return };
-        match http::write_some(&mut c.sock, resp, sent) {
+        match http::write_some(&mut c.sock, resp, sent, WRITE_BUDGET) {
             WriteEnd::Done => self.close(key, false, ctx),
             WriteEnd::Blocked => {}
+            WriteEnd::Budget => {
+                if !self.ready.contains(&key) {
+                    self.ready.push(key);
+                }
+            }
             WriteEnd::Failed(e) => {
                 log::debug!("metrics client: {e}");
                 self.close(key, true, ctx);
@@ -194,11 +234,20 @@ fn client_cap(nofile: u64) -> usize {
     (nofile / FD_SHARE).clamp(1, MAX_CLIENTS as u64) as usize
 }
 
-/// The whole 200 response for a metrics page.
-fn page_response(body: &str) -> Vec<u8> {
+/// The shared response page: the cached one while younger than `PAGE_TTL`,
+/// else a new one from `build`.
+fn shared_page(cache: &mut Option<(Instant, Rc<[u8]>)>, now: Instant, build: impl FnOnce() -> String) -> Rc<[u8]> {
+    if let Some((built, page)) = cache {
+        if now.saturating_duration_since(*built) < PAGE_TTL {
+            return page.clone();
+        }
+    }
+    let body = build();
     let mut resp = http::page_head(body.len()).into_bytes();
     resp.extend_from_slice(body.as_bytes());
-    resp
+    let page: Rc<[u8]> = resp.into();
+    *cache = Some((now, page.clone()));
+    page
 }
 
 #[cfg(test)]
@@ -208,6 +257,31 @@ mod tests {
     use crate::timer::Timers;
     use mio::{Events, Poll};
     use std::io::Read;
+
+    #[test]
+    fn the_page_is_built_at_most_once_per_ttl() {
+        let t0 = Instant::now();
+        let mut cache = None;
+        let builds = std::cell::Cell::new(0);
+        let build = |n: u32| {
+            let builds = &builds;
+            move || {
+                builds.set(builds.get() + 1);
+                format!("splice_relay_x {n}\n")
+            }
+        };
+        let a = shared_page(&mut cache, t0, build(1));
+        let b = shared_page(&mut cache, t0 + PAGE_TTL / 2, build(2));
+        assert!(Rc::ptr_eq(&a, &b), "built again within the TTL");
+        assert_eq!(builds.get(), 1);
+        let c = shared_page(&mut cache, t0 + PAGE_TTL, build(3));
+        assert_eq!(builds.get(), 2);
+        assert!(!Rc::ptr_eq(&a, &c));
+        assert_eq!(
+            &c[..],
+            b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: 17\r\nConnection: close\r\n\r\nsplice_relay_x 3\n"
+        );
+    }
 
     #[test]
     fn the_client_cap_is_a_small_share_of_the_fd_limit() {
@@ -241,6 +315,7 @@ mod tests {
                 let (kind, key) = untoken(ev.token());
                 self.m.event(kind, key, || page.to_string(), &mut ctx);
             }
+            self.m.run_ready(&mut ctx);
             while let Some(t) = ctx.timers.pop_due(now) {
                 if let Timer::Metrics(key) = t {
                     self.m.timer(key, &mut ctx);
@@ -283,7 +358,7 @@ mod tests {
         let mut stalled = false;
         for _ in 0..2000 {
             let events = h.turn(Instant::now(), &page);
-            if events == 0 && h.sent().is_some_and(|s| s > 0) {
+            if events == 0 && !h.m.has_ready() && h.sent().is_some_and(|s| s > 0) {
                 stalled = true;
                 break;
             }
