@@ -355,6 +355,7 @@ mod tests {
         let page = "x".repeat(32 << 20);
         let mut client = std::net::TcpStream::connect(h.addr).unwrap();
         client.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let asked = Instant::now();
         let mut stalled = false;
         for _ in 0..2000 {
             let events = h.turn(Instant::now(), &page);
@@ -366,9 +367,11 @@ mod tests {
         assert!(stalled, "the response never stalled (sent {:?})", h.sent());
         let sent = h.sent().unwrap();
         assert!(sent < page.len());
-        h.turn(Instant::now() + WRITE_TIMEOUT - Duration::from_secs(1), &page);
+        let deadline = h.m.clients.iter().map(|(_, c)| c.deadline).next().unwrap();
+        assert!(deadline >= asked + WRITE_TIMEOUT && deadline <= Instant::now() + WRITE_TIMEOUT);
+        h.turn(deadline - Duration::from_millis(1), &page);
         assert_eq!(h.m.clients.len(), 1, "closed before the write timeout");
-        h.turn(Instant::now() + WRITE_TIMEOUT + Duration::from_secs(1), &page);
+        h.turn(deadline, &page);
         assert_eq!(h.m.clients.len(), 0, "still open after the write timeout");
         let (got, end) = read_until_closed(&mut client, 64 << 20);
         assert_eq!(end.map_err(|e| e.kind()), Err(io::ErrorKind::ConnectionReset), "after {} bytes", got.len());
