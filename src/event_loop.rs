@@ -86,7 +86,8 @@ impl EventLoop {
         }
         self.udp.start(&mut Ctx { registry: self.poll.registry(), timers: &mut self.timers, now });
         loop {
-            let timeout = if self.tcp.has_ready() || self.udp.has_ready() {
+            let metrics_ready = self.metrics.as_ref().is_some_and(|m| m.has_ready());
+            let timeout = if self.tcp.has_ready() || self.udp.has_ready() || metrics_ready {
                 Some(Duration::ZERO)
             } else {
                 self.timers.next_timeout(Instant::now())
@@ -119,18 +120,27 @@ impl EventLoop {
                     }
                     Kind::Metrics | Kind::MetricsConn => {
                         if let Some(m) = self.metrics.as_mut() {
-                            m.event(kind, key, &self.tcp, &self.udp, &mut ctx);
+                            let (tcp, udp) = (&self.tcp, &self.udp);
+                            m.event(kind, key, || crate::metrics::prometheus(tcp, udp), &mut ctx);
                         }
                     }
                 }
             }
             self.tcp.run_ready(&mut ctx);
             self.udp.run_ready(&mut ctx);
+            if let Some(m) = self.metrics.as_mut() {
+                m.run_ready(&mut ctx);
+            }
             while let Some(t) = ctx.timers.pop_due(now) {
                 match t {
                     Timer::Conn(key) => self.tcp.conn_timer(key, &mut ctx),
                     Timer::Listener(idx) => self.tcp.listener_timer(idx, &mut ctx),
                     Timer::UdpSweep => self.udp.sweep(&mut ctx),
+                    Timer::Metrics(key) => {
+                        if let Some(m) = self.metrics.as_mut() {
+                            m.timer(key, &mut ctx);
+                        }
+                    }
                     Timer::Drain => {
                         log::info!("drain timeout reached; exiting");
                         stop = true;

@@ -1,17 +1,15 @@
 //! Statistics: the periodic/SIGUSR1 log line and a Prometheus text endpoint
 //! served from the same event loop.
 
+mod http;
+mod server;
+
 use std::fmt::Write as _;
-use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 
-use mio::net::{TcpListener, TcpStream};
-use mio::{Interest, Registry};
-
-use crate::reactor::{Ctx, Kind, fixed_token, token};
-use crate::slab::{Key, Slab};
 use crate::tcp::TcpRelay;
 use crate::udp::UdpRelay;
+pub use server::Metrics;
 
 /// One statistic, described once: the stats line and the Prometheus page
 /// are both written from these tables, so they cannot disagree.
@@ -234,48 +232,4 @@ pub fn prometheus(tcp: &TcpRelay, udp: &UdpRelay) -> String {
     page_rows(&mut o, UDP_STATS, udp, &ul);
     page_rows(&mut o, PROCESS_STATS, tcp, &[String::new()]);
     o
-}
-
-/// A tiny HTTP/1.0 server answering every request with the metrics page.
-pub struct Metrics {
-    listener: TcpListener,
-    clients: Slab<TcpStream>,
-}
-
-impl Metrics {
-    /// Listens on `addr`.
-    pub fn bind(addr: SocketAddr, registry: &Registry) -> io::Result<Metrics> {
-        let mut listener = TcpListener::bind(addr)?;
-        registry.register(&mut listener, fixed_token(Kind::Metrics, 0), Interest::READABLE)?;
-        Ok(Metrics { listener, clients: Slab::default() })
-    }
-
-    /// Readiness on the listener or a client.
-    pub(crate) fn event(&mut self, kind: Kind, key: Key, tcp: &TcpRelay, udp: &UdpRelay, ctx: &mut Ctx<'_>) {
-        if kind == Kind::Metrics {
-            while let Ok((mut s, _)) = self.listener.accept() {
-                let key = self.clients.vacant_key();
-                if ctx.registry.register(&mut s, token(Kind::MetricsConn, key), Interest::READABLE).is_ok() {
-                    self.clients.insert(s);
-                }
-            }
-            return;
-        }
-        let Some(s) = self.clients.get_mut(key) else { return };
-        let mut buf = [0u8; 2048];
-        match s.read(&mut buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            // Wait for the end of the request line before answering.
-            Ok(n) if n > 0 && n < buf.len() && !buf[..n].contains(&b'\n') => return,
-            _ => {}
-        }
-        let body = prometheus(tcp, udp);
-        let resp = format!(
-            "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        // The page is small: one write fits the socket buffer.
-        let _ = s.write_all(resp.as_bytes());
-        self.clients.remove(key);
-    }
 }

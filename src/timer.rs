@@ -24,6 +24,9 @@ pub enum Timer {
     Drain,
     /// The periodic statistics line is due.
     Stats,
+    /// A metrics client's deadline (request head or response); the key's
+    /// generation makes it miss a client that took the slot later.
+    Metrics(Key),
 }
 
 /// Pending deadlines, soonest first.
