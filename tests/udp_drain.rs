@@ -90,7 +90,7 @@ fn two_udp_forwards_on_one_port_fail_at_start() {
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let (code, err) = run_until_exit(&argv);
         assert_eq!(code, Some(1), "{args:?} should exit 1 at start:\n{err}");
-        let errors: Vec<&str> = err.lines().filter(|l| l.contains(" ERROR ")).collect();
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("splice-relay: ")).collect();
         let want = format!("cannot listen on {proto} 127.0.0.1:{p}: Address already in use (os error 98)");
         assert_eq!(errors.len(), 1, "{args:?}: one error line wanted:\n{err}");
         assert!(errors[0].ends_with(&want), "{args:?}: wanted {want:?}, got:\n{err}");
