@@ -175,6 +175,8 @@ pub(crate) struct Connection {
     last_active: Instant,
     /// The soonest deadline a timer is already set for.
     pub(crate) timer_at: Option<Instant>,
+    /// On the relay's ready list: its next turn is already due.
+    pub(crate) queued: bool,
 }
 
 impl Connection {
@@ -190,6 +192,7 @@ impl Connection {
             since: now,
             last_active: now,
             timer_at: None,
+            queued: false,
         }
     }
 

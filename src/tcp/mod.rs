@@ -277,7 +277,11 @@ impl TcpRelay {
     pub(crate) fn conn_event(&mut self, kind: Kind, key: Key, ev: &mio::event::Event, ctx: &mut Ctx<'_>) {
         let Some(conn) = self.conns.get_mut(key) else { return };
         conn.note(kind == Kind::Backend, ev);
-        self.advance(key, ctx);
+        // A connection on the ready list has its turn there: one turn per
+        // connection per loop iteration (ARCHITECTURE.md, "Fairness").
+        if !conn.queued {
+            self.advance(key, ctx);
+        }
     }
 
     /// Runs connections whose budget ran out last time, and listeners with
@@ -288,6 +292,9 @@ impl TcpRelay {
         }
         let ready = std::mem::take(&mut self.ready);
         for key in ready {
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.queued = false;
+            }
             self.advance(key, ctx);
         }
     }
@@ -319,7 +326,10 @@ impl TcpRelay {
         match conn.drive(&mut env) {
             Progress::Waiting => schedule(conn, key, &self.settings.timeouts, ctx),
             Progress::Yielded => {
-                self.ready.push(key);
+                if !conn.queued {
+                    conn.queued = true;
+                    self.ready.push(key);
+                }
                 schedule(conn, key, &self.settings.timeouts, ctx);
             }
             Progress::Closed(end) => self.finish(key, end, ctx),

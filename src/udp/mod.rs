@@ -45,6 +45,8 @@ pub struct UdpListener {
     pub target: SocketAddr,
     send_proxy: Option<Version>,
     readable: bool,
+    /// On the ready list: its next turn is already due.
+    queued: bool,
     /// GSO for replies sent to clients.
     gso: Gso,
     /// GSO for a new flow towards the backend.
@@ -66,6 +68,8 @@ struct Flow {
     reply_from: Option<PktInfo>,
     /// GSO towards the backend.
     gso: Gso,
+    /// On the ready list: its next turn is already due.
+    queued: bool,
 }
 
 impl Flow {
@@ -138,6 +142,7 @@ impl UdpRelay {
             target,
             send_proxy,
             readable: true,
+            queued: false,
             gso: self.gso_default(),
             flow_gso: self.gso_default(),
             stats: UdpStats::default(),
@@ -185,6 +190,10 @@ impl UdpRelay {
         let batch = self.batch.get_or_insert_with(|| Box::new(Batch::new()));
         let Some(l) = self.listeners.get_mut(idx) else { return };
         l.readable = true;
+        if l.queued {
+            // Its turn is on the ready list: one turn per loop iteration.
+            return;
+        }
         // Bounded work per wake-up: at most 16 batches, then other sockets get a turn.
         for _ in 0..16 {
             let n = match batch.recv(self.listeners[idx].sock.as_fd()) {
@@ -249,6 +258,7 @@ impl UdpRelay {
             }
         }
         // Still readable after the bounded work: mio will not tell us again.
+        self.listeners[idx].queued = true;
         self.ready.push(Ready::Listener(idx));
     }
 
@@ -262,7 +272,10 @@ impl UdpRelay {
                 log::debug!("udp flow {} -> backend: {e}", flow.client);
             }
         }
-        self.flow_readable(key, ctx);
+        // A queued flow has its turn on the ready list: one per loop iteration.
+        if !flow.queued {
+            self.flow_readable(key, ctx);
+        }
     }
 
     fn flow_readable(&mut self, key: Key, ctx: &mut Ctx<'_>) {
@@ -305,7 +318,10 @@ impl UdpRelay {
                 return;
             }
         }
-        self.ready.push(Ready::Flow(key));
+        if let Some(flow) = self.flows.get_mut(key) {
+            flow.queued = true;
+            self.ready.push(Ready::Flow(key));
+        }
     }
 
     /// True if a socket was left readable by bounded work.
@@ -317,8 +333,18 @@ impl UdpRelay {
     pub(crate) fn run_ready(&mut self, ctx: &mut Ctx<'_>) {
         for r in std::mem::take(&mut self.ready) {
             match r {
-                Ready::Listener(idx) => self.listener_event(idx, ctx),
-                Ready::Flow(key) => self.flow_readable(key, ctx),
+                Ready::Listener(idx) => {
+                    if let Some(l) = self.listeners.get_mut(idx) {
+                        l.queued = false;
+                    }
+                    self.listener_event(idx, ctx)
+                }
+                Ready::Flow(key) => {
+                    if let Some(f) = self.flows.get_mut(key) {
+                        f.queued = false;
+                    }
+                    self.flow_readable(key, ctx)
+                }
             }
         }
     }
@@ -421,7 +447,7 @@ fn open_flow(
         log::warn!("udp {client}: cannot register a flow: {e}");
         return None;
     }
-    flows.insert(Flow { sock, listener: idx, client, reply_from, gso: l.flow_gso });
+    flows.insert(Flow { sock, listener: idx, client, reply_from, gso: l.flow_gso, queued: false });
     l.stats.flows_total += 1;
     log::debug!("udp flow {} -> {} -> {} opened", unmap(client), l.addr, l.target);
     if let Some((_, old)) = table.insert((idx, client, reply_from.map(|d| d.ip())), key, ctx.now) {
