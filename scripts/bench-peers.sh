@@ -14,7 +14,7 @@
 # CPU 0. Relay CPU is the cpuacct.usage of a cgroup v1 group holding only the relay's
 # process tree (utime+stime from /proc when no cgroup can be made).
 #
-# Cases (--cases 1,2,3,4,5,6 or iperf,wrk,idle,udp,ports,dockeridle):
+# Cases (--cases 1,2,3,4,5,6,7 or iperf,wrk,idle,udp,ports,dockeridle,fair):
 #   1 iperf    iperf3 TCP bulk, 1 and 8 streams, both directions: Gbit/s, relay CPU s/GB
 #              (and for cases 1, 2 and 4, "system CPU": both cores' busy time per unit, which
 #              shows work a relay pushes onto the load's core; direct is the baseline)
@@ -27,6 +27,10 @@
 #              processes (and one HAProxy): start-up time, total RSS/PSS
 #   6 dockeridle  idle docker-mode processes (what dockerd starts, one per port and
 #              family), 1 alone and 10 side by side: PSS per process
+#   7 fair     fairness (examples/fairness.rs): a 100-byte echo every 10 ms through the
+#              relay, on a kept connection and on a new one, beside 1, 2 and 8 two-way bulk
+#              flows through the same relay: probe p50/p99 ms, bulk Gbit/s, relay CPU s/GB;
+#              and the same echo straight to the backend (what the load alone costs)
 # Each measurement is repeated 3 times (median shown); --quick: once, shorter runs,
 # under 5 minutes. Raw results (TSV: case, peer, metric, value) go to a file whose
 # path is printed; the summary is one markdown table with ratios vs each peer.
@@ -44,7 +48,7 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 
 QUICK=0
 PEERS="splice-relay,docker-proxy,haproxy-splice,haproxy,socat,direct,udp-floor"
-CASES="iperf,wrk,idle,udp,ports,dockeridle"
+CASES="iperf,wrk,idle,udp,ports,dockeridle,fair"
 OUT=""
 RELAY_BIN="${SPLICE_RELAY_BIN:-}"
 RELAY_ARGS="" # extra splice-relay options, e.g. "--no-splice"
@@ -60,18 +64,18 @@ while [ $# -gt 0 ]; do
     --relay-args) RELAY_ARGS="$2"; shift ;;
     --no-install) INSTALL=0 ;;
     --haproxy-splice) HAPROXY_SPLICE="$2"; shift ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
-CASES=$(echo "$CASES" | sed 's/\b1\b/iperf/; s/\b2\b/wrk/; s/\b3\b/idle/; s/\b4\b/udp/; s/\b5\b/ports/')
+CASES=$(echo "$CASES" | sed 's/\b1\b/iperf/; s/\b2\b/wrk/; s/\b3\b/idle/; s/\b4\b/udp/; s/\b5\b/ports/; s/\b6\b/dockeridle/; s/\b7\b/fair/')
 has() { [[ ",$1," == *",$2,"* ]]; }
 
 if [ "$QUICK" = 1 ]; then
-  REPEAT=1 IPERF_SECS=5 WRK_SECS=2 UDP_SECS=1.5 IDLE_CONNS=9000 MANY_PORTS=1000
+  REPEAT=1 IPERF_SECS=5 WRK_SECS=2 UDP_SECS=1.5 IDLE_CONNS=9000 MANY_PORTS=1000 FAIR_PROBES=200
 else
-  REPEAT=3 IPERF_SECS=10 WRK_SECS=10 UDP_SECS=3 IDLE_CONNS=9000 MANY_PORTS=1000
+  REPEAT=3 IPERF_SECS=10 WRK_SECS=10 UDP_SECS=3 IDLE_CONNS=9000 MANY_PORTS=1000 FAIR_PROBES=500
 fi
 REPEAT=${BENCH_REPEAT:-$REPEAT}
 IDLE_CONNS=${BENCH_IDLE_CONNS:-$IDLE_CONNS}
@@ -116,8 +120,8 @@ UDPGEN=""
 UDP_FLOOR=""
 build() {
   if [ -z "$RELAY_BIN" ]; then
-    log "cargo build --release (splice-relay, examples/udpgen)"
-    if cargo build --release --bin splice-relay --example udpgen >"$TMPD/build.log" 2>&1; then
+    log "cargo build --release (splice-relay, examples/udpgen, examples/fairness)"
+    if cargo build --release --bin splice-relay --example udpgen --example fairness >"$TMPD/build.log" 2>&1; then
       :
     else
       log "cargo build failed (see $TMPD/build.log); using whatever target/release holds"
@@ -125,6 +129,11 @@ build() {
     RELAY_BIN="$TARGET_DIR/release/splice-relay"
   fi
   UDPGEN="$TARGET_DIR/release/examples/udpgen"
+  FAIRNESS="$TARGET_DIR/release/examples/fairness"
+  if [ ! -x "$FAIRNESS" ] || [ "$ROOT/examples/fairness.rs" -nt "$FAIRNESS" ]; then
+    cargo build --release --example fairness >>"$TMPD/build.log" 2>&1 || true
+  fi
+  [ -x "$FAIRNESS" ] || { log "no examples/fairness: dropping the fair case"; CASES=$(echo ",$CASES," | sed 's/,fair,/,/; s/^,//; s/,$//'); }
   if [ ! -x "$UDPGEN" ] || [ "$ROOT/examples/udpgen.rs" -nt "$UDPGEN" ]; then
     # The crate may not build; udpgen needs only std and libc: build it alone.
     local libc_rlib
@@ -611,6 +620,29 @@ EOF
   done
 }
 
+# ---------------------------------------------------------------- case 7: fairness
+case_fair() {
+  local peer n l t out c0 c1 s0 s1
+  for peer in splice-relay haproxy-splice haproxy docker-proxy; do
+    has "$PEERS" "$peer" && peer_ok_for "$peer" tcp || continue
+    for n in 1 2 8; do
+      for _ in $(seq "$REPEAT"); do
+        next_port; l=$PORT; next_port; t=$PORT
+        start_peer "$peer" tcp "$l" "$t" || continue
+        c0=$(relay_cpu); s0=$(system_cpu)
+        out=$(timeout 300 "${TS_LOAD[@]}" "$FAIRNESS" --relay "[::1]:$l" --backend "127.0.0.1:$t" --bulk "$n" \
+          --probes "$FAIR_PROBES" 2>>"$TMPD/fair.log") || out=""
+        c1=$(relay_cpu); s1=$(system_cpu)
+        stop_peer
+        log "fair $n bulk $peer: $out relay_cpu=$(fsub "$c1" "$c0")"
+        [ -n "$out" ] || { record "fair, $n bulk" "$peer" "probe p99 ms" fails; continue; }
+        python3 "$HELPER" fair "$out" "$(fsub "$c1" "$c0")" "$(fsub "$s1" "$s0")" |
+          while IFS=$'\t' read -r k v; do record "fair, $n bulk" "$peer" "$k" "$v"; done
+      done
+    done
+  done
+}
+
 # ---------------------------------------------------------------- main
 START=$(date +%s)
 install_tools
@@ -628,6 +660,7 @@ has "$CASES" idle && case_idle
 has "$CASES" udp && case_udp
 has "$CASES" ports && case_ports
 has "$CASES" dockeridle && case_dockeridle
+has "$CASES" fair && case_fair
 log "done in $(($(date +%s) - START)) s"
 echo
 echo "## splice-relay vs peers ($([ $QUICK = 1 ] && echo "quick, 1 run each" || echo "median of $REPEAT"); relay on CPU $RELAY_CPU, load on CPU $LOAD_CPU)"

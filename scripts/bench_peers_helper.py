@@ -293,6 +293,21 @@ def parse_udpgen(path):
 
 
 # Metric name suffix -> True if higher is better (shown with an arrow).
+def parse_fair(out, cpu, system):
+    """examples/fairness output plus the relay's and the machine's CPU seconds -> metric lines."""
+    m = dict(x.split("=") for x in out.split())
+    gb = int(m["bulk_total"]) / 1e9
+    print(f"probe p50 ms\t{m['rtt_p50']}")
+    print(f"probe p99 ms\t{m['rtt_p99']}")
+    print(f"new conn p50 ms\t{m['new_p50']}")
+    print(f"new conn p99 ms\t{m['new_p99']}")
+    print(f"direct p99 ms\t{m['direct_p99']}")
+    print(f"bulk Gbit/s\t{8 * gb / float(m['total_secs']):.2f}")
+    if gb > 0:
+        print(f"relay CPU s/GB\t{float(cpu) / gb:.3f}")
+        print(f"system CPU s/GB\t{float(system) / gb:.3f}")
+
+
 def higher_better(metric):
     return any(k in metric for k in ("Gbit/s", "conn/s", "req/s", "pps", "established"))
 
@@ -379,6 +394,8 @@ def main():
         return holdconns(a)
     elif cmd == "startmany":
         return startmany(a)
+    elif cmd == "fair":
+        parse_fair(a[0], a[1], a[2])
     elif cmd == "iperf":
         parse_iperf(a[0])
     elif cmd == "wrk":
