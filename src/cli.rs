@@ -191,11 +191,11 @@ pub struct Config {
     /// `[::]` listeners take IPv4 too unless this is set.
     pub ipv6_only: bool,
     /// TCP settings.
-    pub tcp: TcpSettings,
+    pub(crate) tcp: TcpSettings,
     /// UDP settings.
-    pub udp: UdpSettings,
+    pub(crate) udp: UdpSettings,
     /// Loop settings.
-    pub event_loop: LoopSettings,
+    pub(crate) event_loop: LoopSettings,
     /// Metrics endpoint.
     pub metrics: Option<SocketAddr>,
     /// Log level from -v/-q (RUST_LOG wins when set).

@@ -1,5 +1,5 @@
 //! Docker mode: docker-proxy's Go-style flags, the fd 3 start-up handshake,
-//! and the fd 4 listener of `-use-listen-fd` (see shared/docker-proxy.md).
+//! and the fd 4 listener of `-use-listen-fd`.
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -172,7 +172,17 @@ pub fn forward(
 /// Checks that `fd` (fd 4 of `-use-listen-fd`) suits `forward`: a listening
 /// TCP socket for tcp, a UDP socket for udp, of -host-ip's address family.
 /// Adopting a wrong one would report ready and then fail on every client.
-pub fn check_listen_fd(fd: BorrowedFd<'_>, forward: &Forward) -> Result<(), StartError> {
+/// Takes docker's bound socket (fd 4, `-use-listen-fd`), checks that it fits
+/// `forward`, and makes it non-blocking and close-on-exec.
+pub fn listen_fd(forward: &Forward) -> Result<OwnedFd, StartError> {
+    let fd = crate::sys::inherited_fd(4)
+        .ok_or_else(|| StartError::Runtime("-use-listen-fd given but fd 4 is not open".into()))?;
+    check_listen_fd(fd.as_fd(), forward)?;
+    crate::sys::set_nonblocking_cloexec(fd.as_fd()).map_err(|e| StartError::Runtime(format!("fd 4: {e}")))?;
+    Ok(fd)
+}
+
+fn check_listen_fd(fd: BorrowedFd<'_>, forward: &Forward) -> Result<(), StartError> {
     use nix::sys::socket::SockType;
     let wrong = |what: String| Err(StartError::Runtime(format!("-use-listen-fd: fd 4 {what}")));
     let (ty, listening) = match crate::sys::socket_kind(fd) {

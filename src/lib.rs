@@ -14,21 +14,21 @@
 //! [`docker`] speaks docker-proxy's flags and fd 3 handshake,
 //! [`proxy_protocol`] encodes and parses PROXY headers, [`metrics`] reports.
 
-pub mod cidr;
+pub(crate) mod cidr;
 pub mod cli;
 pub mod config;
 pub mod docker;
-pub mod event_loop;
+pub(crate) mod event_loop;
 pub mod logging;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod proxy_protocol;
 pub(crate) mod reactor;
 pub(crate) mod slab;
-pub mod stats;
-pub mod sys;
-pub mod tcp;
+pub(crate) mod stats;
+pub(crate) mod sys;
+pub(crate) mod tcp;
 pub(crate) mod timer;
-pub mod udp;
+pub(crate) mod udp;
 
 use std::os::fd::OwnedFd;
 
@@ -45,9 +45,21 @@ pub(crate) fn unmap(addr: std::net::SocketAddr) -> std::net::SocketAddr {
     std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
+/// Raises the open-file limit, binds every listener of `config` (or adopts
+/// `listen_fd`, docker's fd 4, for its single forward), calls `ready` once
+/// all are bound, and relays until SIGINT or SIGTERM (or the drain's end).
+pub fn run(config: &Config, listen_fd: Option<OwnedFd>, ready: impl FnOnce()) -> Result<(), StartError> {
+    if let Err(e) = sys::raise_nofile_limit() {
+        log::warn!("cannot raise the open-file limit: {e}");
+    }
+    let mut ev = build(config, listen_fd)?;
+    ready();
+    ev.run().map_err(|e| StartError::Runtime(format!("event loop failed: {e}")))
+}
+
 /// Binds every listener of `config` (or adopts `listen_fd`, docker's fd 4,
 /// for its single forward) and returns a loop ready to run.
-pub fn build(config: &Config, listen_fd: Option<OwnedFd>) -> Result<EventLoop, StartError> {
+fn build(config: &Config, listen_fd: Option<OwnedFd>) -> Result<EventLoop, StartError> {
     let runtime = |what: String| move |e: std::io::Error| StartError::Runtime(format!("{what}: {e}"));
     let mut ev = EventLoop::new(TcpRelay::new(config.tcp.clone()), UdpRelay::new(config.udp), config.event_loop)
         .map_err(runtime("cannot set up the event loop".into()))?;

@@ -1,14 +1,13 @@
 //! Entry point: argv -> config, logging, run, exit status (fd 3 in docker mode).
 
 use std::ffi::OsString;
-use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::process::ExitCode;
 
 use clap::Parser;
 use splice_relay::cli::{self, Args};
 use splice_relay::config::{StartError, system_resolver};
-use splice_relay::{docker, sys};
+use splice_relay::docker;
 
 fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
@@ -41,7 +40,7 @@ fn main() -> ExitCode {
             ));
         }
         splice_relay::logging::init(config.log_level, None);
-        start(&config, None, || {})
+        splice_relay::run(&config, None, || {})
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -92,19 +91,11 @@ fn docker_main(args: &[String]) -> ExitCode {
             opts.into_config(&system_resolver).map_err(|e| StartError::Runtime(format!("SPLICE_RELAY_OPTS: {e}")))?;
         splice_relay::logging::init(config.log_level, std::env::var_os("SPLICE_RELAY_LOG"));
         let forward = docker::forward(&flags, send_proxy, ports.as_deref())?;
-        let listen_fd = if flags.use_listen_fd {
-            let fd = sys::inherited_fd(4)
-                .ok_or_else(|| StartError::Runtime("-use-listen-fd given but fd 4 is not open".into()))?;
-            docker::check_listen_fd(fd.as_fd(), &forward)?;
-            sys::set_nonblocking_cloexec(fd.as_fd()).map_err(|e| StartError::Runtime(format!("fd 4: {e}")))?;
-            Some(fd)
-        } else {
-            None
-        };
+        let listen_fd = if flags.use_listen_fd { Some(docker::listen_fd(&forward)?) } else { None };
         config.forwards = vec![forward];
         // Docker binds IPv6 host addresses IPv6-only, [::] included.
         config.ipv6_only = true;
-        start(&config, listen_fd, || status.ready())
+        splice_relay::run(&config, listen_fd, || status.ready())
     })();
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -118,18 +109,4 @@ fn docker_main(args: &[String]) -> ExitCode {
             ExitCode::from(e.exit_code() as u8)
         }
     }
-}
-
-/// Binds, reports readiness, runs until a signal.
-fn start(
-    config: &splice_relay::cli::Config,
-    listen_fd: Option<std::os::fd::OwnedFd>,
-    ready: impl FnOnce(),
-) -> Result<(), StartError> {
-    if let Err(e) = sys::raise_nofile_limit() {
-        log::warn!("cannot raise the open-file limit: {e}");
-    }
-    let mut ev = splice_relay::build(config, listen_fd)?;
-    ready();
-    ev.run().map_err(|e| StartError::Runtime(format!("event loop failed: {e}")))
 }

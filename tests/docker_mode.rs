@@ -1,4 +1,4 @@
-//! docker-proxy compatibility (see shared/docker-proxy.md): the real binary
+//! docker-proxy compatibility: the real binary
 //! started by a fake dockerd, a small Python script that passes the fd 3
 //! status pipe (and the fd 4 socket of `-use-listen-fd`), reads the
 //! handshake and reports the exit status.

@@ -431,7 +431,7 @@ fn a_backlog_larger_than_one_accept_slice_is_served_whole() {
 }
 
 /// Small writes cross the relay at once both ways (TCP_NODELAY on both of
-/// its sockets, DATAPATH rule 10): a ping-pong of 1-byte messages where each
+/// its sockets): a ping-pong of 1-byte messages where each
 /// side writes twice before it reads. With Nagle on either relay socket the
 /// second write waits for the peer's delayed ACK (40 ms or more) each round.
 /// The test's own sockets have TCP_NODELAY too.

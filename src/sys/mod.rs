@@ -68,12 +68,13 @@ pub fn is_unreachable(e: &io::Error) -> bool {
     )
 }
 
-/// A non-blocking, close-on-exec pipe (DATAPATH rule 1): (read end, write end).
+/// A non-blocking, close-on-exec pipe: (read end, write end).
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).map_err(io::Error::from)
 }
 
-/// Asks for a pipe capacity of `size` bytes; returns the capacity it really has (rule 9).
+/// Asks for a pipe capacity of `size` bytes; returns the capacity it really has
+/// (past `pipe-user-pages-soft` an unprivileged user's pipes stay small).
 pub fn set_pipe_size(fd: BorrowedFd<'_>, size: usize) -> io::Result<usize> {
     let size = i32::try_from(size).unwrap_or(i32::MAX);
     match fcntl(fd, FcntlArg::F_SETPIPE_SZ(size)) {

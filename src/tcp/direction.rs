@@ -149,7 +149,7 @@ impl Direction {
         let mut read = 0usize;
         loop {
             let mut progress = false;
-            // Drain first: the whole pipe, not just the fresh bytes (rule 5).
+            // Drain first: the whole pipe, not just the fresh bytes (ARCHITECTURE.md, Pipes).
             if self.pending > 0 && dst.writable {
                 match self.write_out(dst) {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -163,7 +163,7 @@ impl Direction {
                     Err(e) => return Err(e),
                 }
             }
-            // FIN only once the pipe is empty (rule 6).
+            // FIN only once the pipe is empty (ARCHITECTURE.md, Close and reset).
             if self.state == DirState::ReadEof && self.pending == 0 {
                 if !last {
                     match dst.sock.shutdown(Shutdown::Write) {

@@ -225,7 +225,7 @@ impl TcpRelay {
                     return;
                 }
                 Err(e) if crate::sys::out_of_resources(&e) => {
-                    // Never spin, never exit (rule 11): rest, then retry.
+                    // Never spin, never exit (ARCHITECTURE.md, Resources): rest, then retry.
                     log::warn!("accept on {}: {e}; pausing this listener for {FD_PAUSE:?}", l.addr);
                     l.paused = true;
                     ctx.timers.add(ctx.now + FD_PAUSE, Timer::Listener(idx));
@@ -235,7 +235,7 @@ impl TcpRelay {
                 Err(e) => log::debug!("accept on {}: {e}", l.addr),
             }
         }
-        // Still readable: mio will not say so again (rule 4).
+        // Still readable: mio will not say so again (ARCHITECTURE.md, Readiness).
         if !self.accept_later.contains(&idx) {
             self.accept_later.push(idx);
         }

@@ -219,7 +219,7 @@ impl UdpRelay {
                     continue;
                 };
                 if meta.truncated {
-                    // Never forward a truncated datagram (rule 14).
+                    // Never forward a truncated datagram (ARCHITECTURE.md, UDP).
                     stats.add_dropped(DropReason::Truncated, count);
                     log::debug!("udp {client}: datagram larger than the buffer dropped");
                     continue;
@@ -267,7 +267,7 @@ impl UdpRelay {
         let Some(flow) = self.flows.get(key) else { return };
         if ev.is_error() {
             // A stale ICMP error (ECONNREFUSED): read it so the edge does not
-            // repeat, and keep the flow (rule 17).
+            // repeat, and keep the flow (ARCHITECTURE.md, UDP).
             if let Some(e) = crate::sys::mmsg::take_socket_error(flow.sock.as_fd()) {
                 log::debug!("udp flow {} -> backend: {e}", flow.client);
             }
