@@ -196,7 +196,21 @@ pub fn set_rcvbuf(fd: BorrowedFd<'_>, size: usize) -> io::Result<usize> {
 
 /// A UDP socket connected to `peer`, for one client flow.
 pub fn udp_connected(peer: SocketAddr) -> io::Result<OwnedFd> {
+    udp_connected_from(peer, 0)
+}
+
+/// A UDP socket bound to local `port` (0: the kernel picks) on the wildcard
+/// address and connected to `peer`.
+pub fn udp_connected_from(peer: SocketAddr, port: u16) -> io::Result<OwnedFd> {
     let fd = socket_for(peer, sock::SockType::Datagram)?;
+    if port != 0 {
+        let any: std::net::IpAddr = if peer.is_ipv6() {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        };
+        bind(&fd, SocketAddr::new(any, port))?;
+    }
     let storage = sock::SockaddrStorage::from(peer);
     retry(|| sock::connect(fd.as_raw_fd(), &storage).map_err(io::Error::from))?;
     Ok(fd)
@@ -251,6 +265,17 @@ pub fn inherited_fd(fd: RawFd) -> Option<OwnedFd> {
 
 fn fcntl_getfd_ok(fd: RawFd) -> Option<()> {
     syscall!(fcntl(fd, libc::F_GETFD)).ok().map(|_| ())
+}
+
+/// The kernel's range of ephemeral ports (`net.ipv4.ip_local_port_range`,
+/// which IPv6 shares), or Linux's default when it cannot be read.
+pub fn ephemeral_ports() -> (u16, u16) {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut it = text.split_whitespace().map(|w| w.parse::<u16>());
+    match (it.next(), it.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) if 0 < lo && lo <= hi => (lo, hi),
+        _ => (32768, 60999),
+    }
 }
 
 /// Ignores the real-time signals (SIGRTMIN..=SIGRTMAX), whose default

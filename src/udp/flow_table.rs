@@ -107,6 +107,57 @@ impl<K: Hash + Eq + Copy, V: Copy> FlowTable<K, V> {
     }
 }
 
+/// Local ports of recently closed flow sockets, held back from new flows.
+///
+/// A backend reply that comes after its flow was closed is addressed to the
+/// old socket's port. If a new flow socket (connected to the same backend)
+/// were given that port, the kernel would hand it the reply, and the relay
+/// would send it to the wrong client. So a new flow socket whose port is
+/// held is set aside and another is made (ARCHITECTURE.md, UDP).
+pub(crate) struct PortHold {
+    held: HashMap<u16, Instant>,
+    order: VecDeque<(u16, Instant)>,
+    hold: Duration,
+}
+
+impl PortHold {
+    /// Holds each released port for `hold`.
+    pub(crate) fn new(hold: Duration) -> Self {
+        PortHold { held: HashMap::new(), order: VecDeque::new(), hold }
+    }
+
+    /// `port`'s socket was closed at `now`.
+    pub(crate) fn release(&mut self, port: u16, now: Instant) {
+        self.held.insert(port, now);
+        self.order.push_back((port, now));
+        // A port released again leaves a stale entry behind; at most one per
+        // port and release, so this bounds the queue without losing holds.
+        if self.order.len() > 2 * (u16::MAX as usize + 1) {
+            self.order.pop_front();
+        }
+    }
+
+    /// True if `port` was released less than the hold ago.
+    pub(crate) fn is_held(&mut self, port: u16, now: Instant) -> bool {
+        while let Some(&(p, at)) = self.order.front() {
+            if now.saturating_duration_since(at) < self.hold {
+                break;
+            }
+            self.order.pop_front();
+            if self.held.get(&p) == Some(&at) {
+                self.held.remove(&p);
+            }
+        }
+        self.held.contains_key(&port)
+    }
+
+    /// How many ports are held.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.held.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +212,28 @@ mod tests {
         assert_eq!(evicted, 100_000 - 100);
         t.expire(secs(t0, 10_000), |_, _| {});
         assert!(t.is_empty() && t.queue.is_empty());
+    }
+
+    #[test]
+    fn released_ports_are_held_for_the_hold_and_no_longer() {
+        let t0 = Instant::now();
+        let mut h = PortHold::new(Duration::from_secs(10));
+        h.release(40000, t0);
+        h.release(40001, secs(t0, 5));
+        assert!(h.is_held(40000, secs(t0, 9)));
+        assert!(!h.is_held(40002, secs(t0, 9)));
+        assert!(!h.is_held(40000, secs(t0, 10)));
+        assert!(h.is_held(40001, secs(t0, 14)));
+        // Released again: held from the later release.
+        h.release(40001, secs(t0, 14));
+        assert!(h.is_held(40001, secs(t0, 20)));
+        assert!(!h.is_held(40001, secs(t0, 24)));
+        assert_eq!(h.len(), 0);
+        for p in 0..=u16::MAX {
+            h.release(p, secs(t0, 30));
+            h.release(p, secs(t0, 31));
+        }
+        assert!(h.order.len() <= 2 * 65536 && h.len() == 65536);
     }
 
     #[test]

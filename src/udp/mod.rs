@@ -6,7 +6,7 @@ pub mod flow_table;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 use mio::net::UdpSocket;
@@ -19,7 +19,7 @@ use crate::stats::{DropReason, UdpDirStats, UdpStats};
 use crate::sys::mmsg::{BATCH, Batch, Gso, Out, PktInfo};
 use crate::timer::Timer;
 use crate::unmap;
-use flow_table::FlowTable;
+use flow_table::{FlowTable, PortHold};
 
 /// Settings shared by every UDP forward.
 #[derive(Clone, Copy, Debug)]
@@ -70,6 +70,8 @@ struct Flow {
     gso: Gso,
     /// On the ready list: its next turn is already due.
     queued: bool,
+    /// The socket's local port, held back from new flows once it closes.
+    port: u16,
 }
 
 impl Flow {
@@ -84,6 +86,8 @@ pub struct UdpRelay {
     pub listeners: Vec<UdpListener>,
     flows: Slab<Flow>,
     table: FlowTable<FlowKey, Key>,
+    /// Ports of closed flow sockets, not given to new flows for a while.
+    held: PortHold,
     batch: Option<Box<Batch>>,
     settings: UdpSettings,
     sweeping: bool,
@@ -100,6 +104,7 @@ impl UdpRelay {
             listeners: Vec::new(),
             flows: Slab::default(),
             table: FlowTable::new(settings.max_flows, settings.timeout),
+            held: PortHold::new(PORT_HOLD),
             batch: None,
             settings,
             sweeping: false,
@@ -233,7 +238,8 @@ impl UdpRelay {
                             flush(batch, &mut self.flows, &mut self.listeners, idx, queue);
                         }
                         let l = &mut self.listeners[idx];
-                        match open_flow(&mut self.flows, &mut self.table, idx, l, client, meta.dst, ctx) {
+                        match open_flow(&mut self.flows, &mut self.table, &mut self.held, idx, l, client, meta.dst, ctx)
+                        {
                             Some(f) => f,
                             None => {
                                 l.stats.up.add_dropped(DropReason::NoFlow, count);
@@ -351,10 +357,10 @@ impl UdpRelay {
 
     /// Closes idle flows; also the turn for sockets left readable by bounded work.
     pub(crate) fn sweep(&mut self, ctx: &mut Ctx<'_>) {
-        let flows = &mut self.flows;
+        let (flows, held) = (&mut self.flows, &mut self.held);
         self.table.expire(ctx.now, |(_, client, _), key| {
             log::debug!("udp flow {client}: idle; closed");
-            flows.remove(key);
+            close_flow(flows, held, key, ctx.now);
         });
         self.sweeping = !self.table.is_empty();
         if self.sweeping {
@@ -416,10 +422,63 @@ fn group_by_flow(pending: &mut [(Key, Out)]) {
     pending.sort_unstable_by_key(|&(flow, out)| (flow, out.index, out.offset));
 }
 
+/// How long the port of a closed flow socket is kept from new flows: a
+/// backend reply that comes later than this may reach a newer flow.
+const PORT_HOLD: Duration = Duration::from_secs(10);
+/// Random ports tried per flow when the kernel picks a held one.
+const PORT_TRIES: usize = 8;
+
+/// Closes a flow's socket and holds its port back from new flows.
+fn close_flow(flows: &mut Slab<Flow>, held: &mut PortHold, key: Key, now: std::time::Instant) {
+    if let Some(f) = flows.remove(key) {
+        held.release(f.port, now);
+    }
+}
+
+/// A socket connected to `target` whose local port is not held, and that
+/// port. The kernel's pick is taken when it is free of holds; otherwise the
+/// socket is closed first (so there are never more flow sockets than the
+/// bound) and random unheld ports of the ephemeral range are tried. After
+/// PORT_TRIES, the kernel's pick is taken whatever it is.
+fn flow_socket(target: SocketAddr, held: &mut PortHold, now: std::time::Instant) -> io::Result<(OwnedFd, u16)> {
+    let fd = crate::sys::udp_connected(target)?;
+    let port = crate::sys::local_addr(fd.as_fd())?.port();
+    if !held.is_held(port, now) {
+        return Ok((fd, port));
+    }
+    drop(fd);
+    let (lo, hi) = *EPHEMERAL.get_or_init(crate::sys::ephemeral_ports);
+    let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let mut x = (u64::from(clock.subsec_nanos()) ^ u64::from(port) << 32).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for _ in 0..PORT_TRIES {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let candidate = lo + (x % (u64::from(hi - lo) + 1)) as u16;
+        if held.is_held(candidate, now) {
+            continue;
+        }
+        match crate::sys::udp_connected_from(target, candidate) {
+            Ok(fd) => return Ok((fd, candidate)),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    let fd = crate::sys::udp_connected(target)?;
+    let port = crate::sys::local_addr(fd.as_fd())?.port();
+    log::debug!("udp: no unheld local port in {PORT_TRIES} tries; using {port}");
+    Ok((fd, port))
+}
+
+/// The ephemeral port range, read once.
+static EPHEMERAL: std::sync::OnceLock<(u16, u16)> = std::sync::OnceLock::new();
+
 /// Creates a flow: a socket connected to the backend, registered for replies.
+#[allow(clippy::too_many_arguments)]
 fn open_flow(
     flows: &mut Slab<Flow>,
     table: &mut FlowTable<FlowKey, Key>,
+    held: &mut PortHold,
     idx: usize,
     l: &mut UdpListener,
     client: SocketAddr,
@@ -429,10 +488,10 @@ fn open_flow(
     // Close the least recently used flow first: never more than max_flows sockets.
     if let Some((_, old)) = table.make_room() {
         log::debug!("udp flow table full; least recently used flow closed");
-        flows.remove(old);
+        close_flow(flows, held, old, ctx.now);
     }
-    let fd = match crate::sys::udp_connected(l.target) {
-        Ok(fd) => fd,
+    let (fd, port) = match flow_socket(l.target, held, ctx.now) {
+        Ok(s) => s,
         Err(e) => {
             log::warn!("udp {client} -> {}: cannot open a flow: {e}", l.target);
             return None;
@@ -447,11 +506,11 @@ fn open_flow(
         log::warn!("udp {client}: cannot register a flow: {e}");
         return None;
     }
-    flows.insert(Flow { sock, listener: idx, client, reply_from, gso: l.flow_gso, queued: false });
+    flows.insert(Flow { sock, listener: idx, client, reply_from, gso: l.flow_gso, queued: false, port });
     l.stats.flows_total += 1;
     log::debug!("udp flow {} -> {} -> {} opened", unmap(client), l.addr, l.target);
     if let Some((_, old)) = table.insert((idx, client, reply_from.map(|d| d.ip())), key, ctx.now) {
-        flows.remove(old);
+        close_flow(flows, held, old, ctx.now);
     }
     Some(key)
 }
