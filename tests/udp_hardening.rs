@@ -1,0 +1,170 @@
+//! Hardening, UDP: a flood of sources against the flow bound, and flows
+//! evicted within one batch; a datagram never reaches another client.
+mod common;
+use common::*;
+use std::io::ErrorKind;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Samples the relay's socket count until `stop` (at most 60 s); returns
+/// (the most seen, samples taken).
+fn socket_sampler(pid: u32, stop: Arc<AtomicBool>) -> thread::JoinHandle<(usize, usize)> {
+    thread::spawn(move || {
+        let (mut max, mut samples) = (0, 0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+            max = max.max(fds_of(pid).sockets);
+            samples += 1;
+            thread::sleep(Duration::from_micros(200));
+        }
+        (max, samples)
+    })
+}
+
+/// Reads every datagram waiting on `s` (non-blocking); each must be
+/// `own`, else it is reported in `wrong`. Returns how many were read.
+fn drain_own(s: &UdpSocket, own: &[u8], who: &str, wrong: &mut Vec<String>) -> usize {
+    s.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 2048];
+    let mut n = 0;
+    loop {
+        match s.recv_from(&mut buf) {
+            Ok((len, _)) => {
+                n += 1;
+                if buf[..len] != own[..] {
+                    wrong.push(format!("{who} got {:?}", String::from_utf8_lossy(&buf[..len])));
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{who}: {e}"),
+        }
+    }
+    s.set_nonblocking(false).unwrap();
+    n
+}
+
+/// A UDP flood from 1,000 client sockets (40 of them on 127.0.0.2-9) with
+/// `--udp-max-flows 50`: the relay holds exactly 50 flow sockets at most
+/// (sampled all along), nobody gets another client's datagram, and then
+/// every client, one by one, is served its own datagram again.
+#[test]
+fn udp_flood_from_a_thousand_sources_stays_within_the_flow_bound() {
+    const MAX: usize = 50;
+    const CLIENTS: usize = 1000;
+    let backend = udp_echo("127.0.0.1:0");
+    let mut r = Relay::cmd()
+        .log("info")
+        .start(|p| argv(["--udp-max-flows", "50", &format!("udp:127.0.0.1:{}={backend}", p.pick())]));
+    let to: SocketAddr = format!("127.0.0.1:{}", r.port()).parse().unwrap();
+    let base = r.fds().sockets;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = socket_sampler(r.pid(), stop.clone());
+    let clients: Vec<(UdpSocket, Vec<u8>)> = (0..CLIENTS)
+        .map(|i| {
+            let ip = if i < 40 { format!("127.0.0.{}", 2 + i % 8) } else { "127.0.0.1".to_string() };
+            let s = UdpSocket::bind((ip.as_str(), 0))
+                .unwrap_or_else(|e| panic!("bind {ip}: {e} (127.0.0.0/8 must be routed to lo)"));
+            (s, format!("client {i:04} from {ip}").into_bytes())
+        })
+        .collect();
+    // Three rounds, in bursts of 20 a millisecond apart (so the backend's
+    // receive buffer keeps up).
+    for _round in 0..3 {
+        for burst in clients.chunks(20) {
+            for (s, msg) in burst {
+                s.send_to(msg, to).unwrap();
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+    // Then each client in turn: its own datagram again, which must come
+    // back; anything else it receives must be its own, too.
+    let mut wrong = Vec::new();
+    let mut flood_replies = 0;
+    for (i, (s, msg)) in clients.iter().enumerate() {
+        flood_replies += drain_own(s, msg, &format!("client {i}"), &mut wrong);
+        let again = [msg.as_slice(), b" again"].concat();
+        let got = round_trip_checked(s, to, &again, |d| {
+            if d == msg.as_slice() {
+                flood_replies += 1;
+                Ok(())
+            } else {
+                Err(format!("client {i} got {:?}", String::from_utf8_lossy(d)))
+            }
+        });
+        match got {
+            Ok(Some(from)) => assert_eq!(from, to, "client {i}: reply source"),
+            Ok(None) => panic!("client {i} not served after the flood\n{}", tail(&r.log(), 20)),
+            Err(e) => wrong.push(e),
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (max, samples) = sampler.join().unwrap();
+    assert!(
+        wrong.is_empty(),
+        "{} datagrams went to the wrong client, e.g.:\n{}",
+        wrong.len(),
+        wrong.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+    );
+    // The flows open at the end got their replies at least.
+    assert!(flood_replies > 0, "no reply at all during the flood");
+    assert!(samples >= 50, "only {samples} samples");
+    assert_eq!(max, base + MAX, "sampled at most {max} sockets: baseline {base} + {MAX} flows expected");
+    assert_eq!(r.fds().sockets, base + MAX, "a full flow table at the end");
+    r.assert_alive();
+}
+
+/// Datagrams read in one batch from more new clients than the flow table
+/// holds (24 clients, `--udp-max-flows 4`): a flow evicted within the batch
+/// must not carry its datagram out through the flow that took its slot.
+/// The last 4 clients' flows outlive the batch: each gets its own reply.
+/// Then every client, one by one, gets its own reply.
+#[test]
+fn udp_flows_evicted_within_one_batch_never_cross_clients() {
+    const CLIENTS: usize = 24;
+    const MAX: usize = 4;
+    let backend = udp_echo("127.0.0.1:0");
+    let mut r = Relay::start(|p| argv(["--udp-max-flows", "4", &format!("udp:127.0.0.1:{}={backend}", p.pick())]));
+    let to: SocketAddr = format!("127.0.0.1:{}", r.port()).parse().unwrap();
+    // Stopped, the relay lets 24 clients' datagrams queue up, then reads them together.
+    r.stop();
+    let clients: Vec<(UdpSocket, Vec<u8>)> = (0..CLIENTS)
+        .map(|i| (udp_client("127.0.0.1:0", PATIENCE), format!("datagram of client {i:02}").into_bytes()))
+        .collect();
+    for (s, msg) in &clients {
+        s.send_to(msg, to).unwrap();
+    }
+    r.signal(SIGCONT);
+    let mut wrong = Vec::new();
+    let mut buf = [0u8; 2048];
+    for (i, (s, msg)) in clients.iter().enumerate().skip(CLIENTS - MAX) {
+        match s.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                assert_eq!(from, to, "client {i}: reply source");
+                if buf[..n] != msg[..] {
+                    wrong.push(format!("client {i:02} got {:?}", String::from_utf8_lossy(&buf[..n])));
+                }
+            }
+            Err(e) => panic!("client {i} (a flow that outlives the batch) got no reply: {e}\n{}", tail(&r.log(), 40)),
+        }
+    }
+    for (i, (s, msg)) in clients.iter().enumerate() {
+        drain_own(s, msg, &format!("client {i:02}"), &mut wrong);
+    }
+    assert!(
+        wrong.is_empty(),
+        "datagrams delivered to the wrong client:\n{}\nrelay log:\n{}",
+        wrong.join("\n"),
+        tail(&r.log(), 40)
+    );
+    for (i, (s, msg)) in clients.iter().enumerate() {
+        let again = [msg.as_slice(), b" again"].concat();
+        let own = |d: &[u8]| if d == msg.as_slice() { Ok(()) } else { Err(format!("client {i:02} got {d:?}")) };
+        let from = round_trip_checked(s, to, &again, own).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(from, Some(to), "client {i:02} not served again\n{}", tail(&r.log(), 20));
+    }
+    r.assert_alive();
+}
