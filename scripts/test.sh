@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every test, the ignored ones included: unit tests, and end-to-end
+# tests of the real binary on loopback.
+#
+#   scripts/test.sh [CARGO TEST OPTIONS]     e.g. scripts/test.sh --no-fail-fast
+#
+# The end-to-end tests need python3, prlimit and setpriv (util-linux) and
+# haproxy, and some need root. As root, this installs what is missing
+# (apt-get install haproxy python3 util-linux); otherwise it names what to
+# install and exits 1. Then it runs `cargo test -- --include-ignored`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+for cmd in python3 prlimit setpriv haproxy; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "test.sh: missing ${missing[*]}: run as root to install them, or install them yourself:" >&2
+    echo "  apt-get install -y --no-install-recommends haproxy python3 util-linux" >&2
+    exit 1
+  fi
+  echo "test.sh: installing haproxy python3 util-linux (missing: ${missing[*]})"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends haproxy python3 util-linux >/dev/null
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "test.sh: not root: the tests that need root will fail (run as root)" >&2
+fi
+
+exec cargo test "$@" -- --include-ignored
