@@ -6,22 +6,51 @@ use nix::sys::socket::{self as sock, AddressFamily, SockFlag, SockType, Sockaddr
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 /// A port free for TCP and UDP on every address (a dual-stack `[::]` bind
-/// of both), asked of the kernel. It can be taken again before the caller
-/// binds it: the relay's ports come from [`super::Ports`], which
-/// retries.
+/// of both), drawn at random below the kernel's ephemeral range: no
+/// connection's own port can land on it meanwhile, and a machine busy with
+/// many connections (TIME_WAIT by the tens of thousands) still has plenty.
+/// It can still be taken before the caller binds it: the relay's ports
+/// come from [`super::Ports`], which retries.
 pub fn free_port() -> u16 {
-    for _ in 0..100 {
-        let l = TcpListener::bind("[::]:0").expect("bind [::]:0");
-        let port = l.local_addr().unwrap().port();
-        if UdpSocket::bind(("::", port)).is_ok() {
-            return port;
+    free_ports(1)
+}
+
+/// The first of `n` consecutive ports free as for [`free_port`].
+pub fn free_ports(n: u16) -> u16 {
+    let (low, high) = port_window(n);
+    for _ in 0..1000 {
+        let base = low + (random_u64() % u64::from(high - low)) as u16;
+        if (0..n).all(|i| port_is_free(base + i)) {
+            return base;
         }
     }
-    panic!("no port free for both TCP and UDP in 100 tries");
+    panic!("no {n} consecutive free ports in {low}..{high} in 1000 tries");
+}
+
+/// Where to look for `n` consecutive ports: from 20000 up to the start of
+/// the ephemeral range (ip_local_port_range), at least 1000 ports wide.
+fn port_window(n: u16) -> (u16, u16) {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let ephemeral: u16 = range.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(32768);
+    let high = ephemeral.saturating_sub(n);
+    assert!(
+        high >= 21000,
+        "the ephemeral port range starts at {ephemeral}: no room below it for test ports (20000 and up)"
+    );
+    (20000, high)
+}
+
+/// A fresh pseudo-random number (from the clock, the pid and a counter).
+fn random_u64() -> u64 {
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let seed = nanos ^ u64::from(std::process::id()) << 32 ^ COUNT.fetch_add(1, Ordering::Relaxed) << 48;
+    super::pattern(seed, 8).iter().fold(0, |acc, b| acc << 8 | u64::from(*b))
 }
 
 /// True if `port` can be bound now for TCP and UDP on every address.

@@ -2,7 +2,7 @@
 //! ports if one was taken meanwhile), ready once every listener is bound;
 //! its log, fds, pipe-pool statistics and signals.
 
-use super::{BIN, PATIENCE, SIGSTOP, SIGUSR1, free_port, kill, port_is_free, tail, wait_until};
+use super::{BIN, PATIENCE, SIGSTOP, SIGUSR1, free_port, free_ports, kill, tail, wait_until};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -41,17 +41,13 @@ impl Ports {
 
     /// The first of `n` consecutive free ports.
     pub fn range(&mut self, n: u16) -> u16 {
-        for _ in 0..500 {
-            let base = free_port();
-            let fits = base.checked_add(n).is_some()
-                && (0..n).all(|i| !self.picked.contains(&(base + i)))
-                && (1..n).all(|i| port_is_free(base + i));
-            if fits {
+        loop {
+            let base = free_ports(n);
+            if (0..n).all(|i| !self.picked.contains(&(base + i))) {
                 self.picked.extend(base..base + n);
                 return base;
             }
         }
-        panic!("no {n} consecutive free ports in 500 tries");
     }
 }
 
