@@ -84,6 +84,7 @@ impl RelayCmd {
     /// found free, starts again on fresh ports. Any other start-up failure
     /// fails the test with the relay's log.
     pub fn start(&self, args: impl Fn(&mut Ports) -> Vec<String>) -> Relay {
+        raise_fd_limit();
         for attempt in 1..=START_ATTEMPTS {
             let mut ports = Ports::default();
             let argv = args(&mut ports);
@@ -148,6 +149,20 @@ impl RelayCmd {
         }
         Err(format!("exit {status:?}\n{log}"))
     }
+}
+
+/// Raises this process's soft open-file limit to the hard limit, once:
+/// some tests hold thousands of sockets (clients and backends), more than
+/// the usual soft limit of 1024.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+        if soft < hard {
+            setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("raise the open-file limit");
+        }
+    });
 }
 
 /// How many listening ports the relay arguments ask for: each FORWARD
