@@ -65,7 +65,8 @@ impl Default for RelayCmd {
 }
 
 impl RelayCmd {
-    /// RUST_LOG for the relay (default `debug`).
+    /// RUST_LOG for the relay (default `debug`; at least `info`, as
+    /// readiness is read from the log).
     pub fn log(mut self, level: &str) -> Self {
         self.log_level = level.into();
         self
