@@ -20,11 +20,17 @@ fn burst_datagram(i: usize) -> Vec<u8> {
     d
 }
 
-/// Receives `n` datagrams; each must equal `expected(i)` after `skip(d)` bytes.
-fn recv_burst(s: &UdpSocket, n: usize, skip: impl Fn(&[u8]) -> usize) -> Result<(), String> {
+/// Receives `n` datagrams from `from` (skipping any from elsewhere); each
+/// must equal `expected(i)` after `skip(d)` bytes.
+fn recv_burst(s: &UdpSocket, from: SocketAddr, n: usize, skip: impl Fn(&[u8]) -> usize) -> Result<(), String> {
     let mut buf = vec![0u8; 65536];
     for i in 0..n {
-        let (len, _) = s.recv_from(&mut buf).map_err(|e| format!("datagram {i} of {n}: {e}"))?;
+        let len = loop {
+            let (len, src) = s.recv_from(&mut buf).map_err(|e| format!("datagram {i} of {n}: {e}"))?;
+            if src == from {
+                break len;
+            }
+        };
         let got = &buf[..len];
         let body = &got[skip(got).min(len)..];
         let want = burst_datagram(i);
@@ -72,8 +78,8 @@ fn burst_both_ways(listen: &str, client_at: &str, proxy: bool, extra: &[&str]) {
         backend.send_to(&burst_datagram(i), flow).unwrap();
     }
     r.signal(SIGCONT);
-    let up = recv_burst(&backend, N, header_len);
-    let down = recv_burst(&c, N, |_| 0);
+    let up = recv_burst(&backend, flow, N, header_len);
+    let down = recv_burst(&c, relay_addr, N, |_| 0);
     r.assert_alive();
     assert_eq!((up, down), (Ok(()), Ok(())), "log:\n{}", r.log());
 }

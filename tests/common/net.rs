@@ -257,8 +257,10 @@ pub fn round_trip(s: &UdpSocket, to: SocketAddr, payload: &[u8]) -> Option<Socke
     round_trip_checked(s, to, payload, |_| Ok(())).expect("no other datagram is refused")
 }
 
-/// [`round_trip`], passing every other datagram received to `other`, which
-/// may refuse it (e.g. another client's datagram): then that error.
+/// [`round_trip`], passing every other datagram from `to` to `other`, which
+/// may refuse it (e.g. another client's datagram): then that error. Other
+/// datagrams from elsewhere are not the relay's (on a shared machine a
+/// stray one can reach a reused port) and are skipped.
 pub fn round_trip_checked(
     s: &UdpSocket,
     to: SocketAddr,
@@ -279,7 +281,8 @@ pub fn round_trip_checked(
                     found = Some(from);
                     break 'send;
                 }
-                Ok((n, _)) => other(&buf[..n])?,
+                Ok((n, from)) if from == to => other(&buf[..n])?,
+                Ok(_) => {}
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                 Err(e) => return Err(format!("recv_from: {e}")),
             }
