@@ -539,10 +539,10 @@ fn no_option_value_makes_the_relay_panic() {
                 Verdict::Running { mut relay, log } => {
                     started.push(format!("{opt} {value:?}"));
                     echo_both_ways(&format!("127.0.0.1:{port}"));
-                    unsafe_free_kill(relay.id(), 15);
+                    kill(relay.id(), 15);
                     if opt == "--drain-timeout" {
                         // The drain waits for the UDP flow to idle out: a second signal exits at once.
-                        unsafe_free_kill(relay.id(), 15);
+                        kill(relay.id(), 15);
                     }
                     let mut code = None;
                     let exited = wait_until(Duration::from_secs(10), || match relay.try_wait() {

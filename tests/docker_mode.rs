@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 
 /// The fake dockerd. argv: KIND HOST PORT STDERR RELAY ARGS...
 /// KIND is none, tcp or udp (the fd 4 socket to create); STDERR a file for
-/// the relay's stderr or "-" for /dev/null. Prints `PID n`, `PIPE inode`,
+/// the relay's stderr or "-" for /dev/null. Prints `BINDERR errno` and
+/// exits if it cannot bind the fd 4 socket; else `PID n`, `PIPE inode`,
 /// `HANDSHAKE hex eof`, then obeys commands on stdin: `int`, `term`
-/// (signal, then wait 2 s) and `wait` (5 s), each answered `EXIT code`.
-/// On stdin EOF it kills the relay.
+/// (signal, then wait) and `wait`, each answered `EXIT code` (or `EXIT
+/// timeout` after 15 s). On stdin EOF it kills the relay.
 const FAKE_DOCKERD: &str = r#"
 import fcntl, os, select, signal, socket, subprocess, sys, time
 kind, host, port, errpath = sys.argv[1:5]
@@ -38,7 +39,11 @@ if kind != 'none':
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
     else:
         s.setsockopt(socket.IPPROTO_IP, 8, 1)  # IP_PKTINFO
-    s.bind((host, int(port)))
+    try:
+        s.bind((host, int(port)))
+    except OSError as e:
+        print('BINDERR', e.errno, flush=True)
+        sys.exit(0)
     if kind == 'tcp':
         s.listen(128)
     lfd = high(s.detach())
@@ -57,7 +62,7 @@ for fd in fds:
     os.close(fd)
 print('PID', p.pid, flush=True)
 print('PIPE', os.fstat(r).st_ino, flush=True)
-data, eof, deadline = b'', 0, time.time() + 10
+data, eof, deadline = b'', 0, time.time() + 20
 while time.time() < deadline:
     ready, _, _ = select.select([r], [], [], max(0.0, deadline - time.time()))
     if not ready:
@@ -73,7 +78,7 @@ for line in sys.stdin:
     if cmd in ('int', 'term'):
         p.send_signal(signal.SIGINT if cmd == 'int' else signal.SIGTERM)
     try:
-        code = p.wait(timeout=2 if cmd in ('int', 'term') else 5)
+        code = p.wait(timeout=15)
     except subprocess.TimeoutExpired:
         code = 'timeout'
     print('EXIT', code, flush=True)
@@ -99,9 +104,43 @@ struct Dockerd {
     eof: bool,
 }
 
+/// EADDRINUSE, as Python reports it.
+const EADDRINUSE: &str = "98";
+
 impl Dockerd {
+    /// Starts the relay through the fake dockerd on a free host port, and
+    /// waits for the handshake: `setup` makes the fd 4 socket and the
+    /// relay's arguments for a port. If the port was taken meanwhile (the
+    /// fake dockerd or the relay reports it in use), tries again on another.
+    fn start_on_free_port(
+        stderr: Option<&PathBuf>,
+        env: &[(&str, &str)],
+        setup: impl Fn(u16) -> (ListenFd<'static>, Vec<String>),
+    ) -> (Dockerd, u16) {
+        for _ in 0..5 {
+            let port = free_port();
+            let (listen, args) = setup(port);
+            let Some(d) = Dockerd::try_start(listen, stderr, &strs(&args), env) else { continue };
+            if d.handshake.starts_with(b"1\n") && d.handshake_text().contains("in use") {
+                continue;
+            }
+            return (d, port);
+        }
+        panic!("no free host port in 5 tries");
+    }
+
     /// Starts the relay through the fake dockerd and waits for the handshake.
     fn start(listen: ListenFd<'_>, stderr: Option<&PathBuf>, args: &[&str], env: &[(&str, &str)]) -> Dockerd {
+        Dockerd::try_start(listen, stderr, args, env).expect("the fake dockerd cannot bind the fd 4 socket: in use")
+    }
+
+    /// [`Dockerd::start`], or None if the fd 4 socket's port is in use.
+    fn try_start(
+        listen: ListenFd<'_>,
+        stderr: Option<&PathBuf>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Option<Dockerd> {
         let (kind, host, port) = match listen {
             ListenFd::None => ("none", "-".to_string(), 0),
             ListenFd::Tcp(h, p) => ("tcp", h.to_string(), p),
@@ -115,6 +154,7 @@ impl Dockerd {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        require_command("python3", "apt-get install python3");
         let mut py =
             cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("python3");
         let stdout = py.stdout.take().unwrap();
@@ -136,13 +176,19 @@ impl Dockerd {
             handshake: Vec::new(),
             eof: false,
         };
-        d.relay_pid = d.line("PID", Duration::from_secs(10)).parse().unwrap();
-        d.pipe_inode = d.line("PIPE", Duration::from_secs(5));
-        let hs = d.line("HANDSHAKE", Duration::from_secs(15));
+        let first = d.lines.recv_timeout(Duration::from_secs(30)).expect("fake dockerd: no PID line");
+        if let Some(errno) = first.strip_prefix("BINDERR ") {
+            assert_eq!(errno, EADDRINUSE, "fake dockerd cannot bind {host}:{port}");
+            return None;
+        }
+        d.relay_pid =
+            first.strip_prefix("PID ").unwrap_or_else(|| panic!("fake dockerd said {first:?}")).parse().unwrap();
+        d.pipe_inode = d.line("PIPE", Duration::from_secs(30));
+        let hs = d.line("HANDSHAKE", Duration::from_secs(30));
         let (hex, eof) = hs.split_once(' ').unwrap();
         d.handshake = if hex == "-" { Vec::new() } else { unhex(hex) };
         d.eof = eof == "1";
-        d
+        Some(d)
     }
 
     /// The next line, which must start with `word`; returns the rest.
@@ -160,7 +206,7 @@ impl Dockerd {
         let stdin = self.stdin.as_mut().unwrap();
         writeln!(stdin, "{cmd}").unwrap();
         stdin.flush().unwrap();
-        self.line("EXIT", Duration::from_secs(10))
+        self.line("EXIT", Duration::from_secs(30))
     }
 
     fn handshake_text(&self) -> String {
@@ -187,7 +233,7 @@ impl Drop for Dockerd {
         let _ = self.py.kill();
         let _ = self.py.wait();
         if self.relay_alive() {
-            unsafe_free_kill(self.relay_pid, 9);
+            kill(self.relay_pid, SIGKILL);
         }
     }
 }
@@ -237,39 +283,20 @@ fn strs(v: &[String]) -> Vec<&str> {
 
 /// 100 KB through the relay to a TCP echo backend and back, with half-close.
 fn tcp_echo_through(addr: &str, seed: u64) {
-    let mut c = connect(addr);
-    let data = pattern(seed, 100_000);
-    let writer = {
-        let mut w = c.try_clone().unwrap();
-        let data = data.clone();
-        thread::spawn(move || {
-            w.write_all(&data).unwrap();
-            w.shutdown(Shutdown::Write).unwrap();
-        })
-    };
-    let mut got = Vec::new();
-    c.read_to_end(&mut got).unwrap();
-    writer.join().unwrap();
-    assert!(got == data, "echo through {addr}: {} bytes back of {}", got.len(), data.len());
+    echo_once(addr, seed, 100_000);
 }
 
 /// One datagram through the relay to a UDP echo backend; returns the reply's source.
 fn udp_echo_through(bind: &str, to: &str, seed: u64) -> SocketAddr {
-    let s = UdpSocket::bind(bind).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let s = udp_client(bind, PATIENCE);
     let to: SocketAddr = to.parse().unwrap();
     let data = pattern(seed, 1000);
-    let mut buf = vec![0u8; 65536];
-    for _ in 0..6 {
-        s.send_to(&data, to).unwrap();
-        match s.recv_from(&mut buf) {
-            Ok((n, from)) if buf[..n] == data[..] => return from,
-            Ok((n, _)) => panic!("unexpected {n}-byte reply"),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
-            Err(e) => panic!("recv: {e}"),
-        }
+    let unexpected = |d: &[u8]| Err(format!("unexpected {}-byte reply", d.len()));
+    match round_trip_checked(&s, to, &data, unexpected) {
+        Ok(Some(from)) => from,
+        Ok(None) => panic!("no UDP echo through {to}"),
+        Err(e) => panic!("{e}"),
     }
-    panic!("no UDP echo through {to}");
 }
 
 /// The relay's fds that point at `target` (e.g. "pipe:[123]").
@@ -298,9 +325,10 @@ const O_CLOEXEC: u32 = 0o2000000;
 #[test]
 fn tcp_without_listen_fd_like_dockerd_up_to_27() {
     let backend = echo_server("127.0.0.1:0");
-    let port = free_port();
-    let args = docker_args("tcp", "127.0.0.1", port, "127.0.0.1", backend.port());
-    let mut d = Dockerd::start(ListenFd::None, None, &strs(&args), &[]);
+    let (mut d, port) = Dockerd::start_on_free_port(None, &[], |port| {
+        let args = docker_args("tcp", "127.0.0.1", port, "127.0.0.1", backend.port());
+        (ListenFd::None, args)
+    });
     assert_eq!(d.handshake, b"0\n", "handshake: {:?}", d.handshake_text());
     assert!(d.eof, "fd 3 must be closed after the handshake");
     // Not even an inherited copy of the status pipe is left open.
@@ -309,7 +337,7 @@ fn tcp_without_listen_fd_like_dockerd_up_to_27() {
     // The argument list stays as given (moby's tests read it back with ps).
     let cmdline = std::fs::read(format!("/proc/{}/cmdline", d.relay_pid)).unwrap();
     let mut expected = vec![BIN.to_string()];
-    expected.extend(args.iter().cloned());
+    expected.extend(docker_args("tcp", "127.0.0.1", port, "127.0.0.1", backend.port()));
     let got: Vec<String> =
         cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into()).collect();
     assert_eq!(got, expected);
@@ -321,15 +349,16 @@ fn tcp_without_listen_fd_like_dockerd_up_to_27() {
 
     tcp_echo_through(&format!("127.0.0.1:{port}"), 1);
     tcp_echo_through(&format!("127.0.0.1:{port}"), 2);
-    assert_eq!(d.command("int"), "0", "SIGINT must end the relay with status 0 within 2 s");
+    assert_eq!(d.command("int"), "0", "SIGINT must end the relay with status 0");
 }
 
 #[test]
 fn ipv6_host_ip_to_ipv4_container_tcp_and_udp() {
     let backend = echo_server("127.0.0.1:0");
-    let port = free_port();
-    let args = docker_args("tcp", "::1", port, "127.0.0.1", backend.port());
-    let mut d = Dockerd::start(ListenFd::None, None, &strs(&args), &[]);
+    let (mut d, port) = Dockerd::start_on_free_port(None, &[], |port| {
+        let args = docker_args("tcp", "::1", port, "127.0.0.1", backend.port());
+        (ListenFd::None, args)
+    });
     assert_eq!(d.handshake, b"0\n", "handshake: {:?}", d.handshake_text());
     tcp_echo_through(&format!("[::1]:{port}"), 3);
     // The IPv6 host address is bound IPv6-only: nothing on 127.0.0.1.
@@ -338,9 +367,10 @@ fn ipv6_host_ip_to_ipv4_container_tcp_and_udp() {
     assert_eq!(d.command("term"), "0", "SIGTERM must end the relay with status 0");
 
     let ubackend = udp_echo("127.0.0.1:0");
-    let uport = free_port();
-    let args = docker_args("udp", "::1", uport, "127.0.0.1", ubackend.port());
-    let mut d = Dockerd::start(ListenFd::None, None, &strs(&args), &[]);
+    let (mut d, uport) = Dockerd::start_on_free_port(None, &[], |port| {
+        let args = docker_args("udp", "::1", port, "127.0.0.1", ubackend.port());
+        (ListenFd::None, args)
+    });
     assert_eq!(d.handshake, b"0\n", "handshake: {:?}", d.handshake_text());
     let to = format!("[::1]:{uport}");
     let from = udp_echo_through("[::1]:0", &to, 4);
@@ -351,10 +381,11 @@ fn ipv6_host_ip_to_ipv4_container_tcp_and_udp() {
 #[test]
 fn tcp_with_listen_fd_like_dockerd_28() {
     let backend = echo_server("127.0.0.1:0");
-    let port = free_port();
-    let mut args = docker_args("tcp", "127.0.0.1", port, "127.0.0.1", backend.port());
-    args.push("-use-listen-fd".into());
-    let mut d = Dockerd::start(ListenFd::Tcp("127.0.0.1", port), None, &strs(&args), &[]);
+    let (mut d, port) = Dockerd::start_on_free_port(None, &[], |port| {
+        let mut args = docker_args("tcp", "127.0.0.1", port, "127.0.0.1", backend.port());
+        args.push("-use-listen-fd".into());
+        (ListenFd::Tcp("127.0.0.1", port), args)
+    });
     assert_eq!(d.handshake, b"0\n", "handshake: {:?}", d.handshake_text());
     assert!(d.eof);
     // The relay uses fd 4 as given, made non-blocking and close-on-exec, and binds nothing itself.
@@ -368,10 +399,11 @@ fn tcp_with_listen_fd_like_dockerd_28() {
 #[test]
 fn udp_with_listen_fd_like_dockerd_28() {
     let backend = udp_echo("127.0.0.1:0");
-    let port = free_port();
-    let mut args = docker_args("udp", "127.0.0.1", port, "127.0.0.1", backend.port());
-    args.push("-use-listen-fd".into());
-    let mut d = Dockerd::start(ListenFd::Udp("127.0.0.1", port), None, &strs(&args), &[]);
+    let (mut d, port) = Dockerd::start_on_free_port(None, &[], |port| {
+        let mut args = docker_args("udp", "127.0.0.1", port, "127.0.0.1", backend.port());
+        args.push("-use-listen-fd".into());
+        (ListenFd::Udp("127.0.0.1", port), args)
+    });
     assert_eq!(d.handshake, b"0\n", "handshake: {:?}", d.handshake_text());
     let flags = fd_flags(d.relay_pid, 4);
     assert_eq!(flags & (O_NONBLOCK | O_CLOEXEC), O_NONBLOCK | O_CLOEXEC, "fd 4 flags {flags:o}");
@@ -382,10 +414,11 @@ fn udp_with_listen_fd_like_dockerd_28() {
     assert_eq!(d.command("int"), "0");
 
     // The same over IPv6 (an IPv6-only socket with IPV6_RECVPKTINFO).
-    let port = free_port();
-    let mut args = docker_args("udp", "::1", port, "127.0.0.1", backend.port());
-    args.push("-use-listen-fd".into());
-    let mut d = Dockerd::start(ListenFd::Udp("::1", port), None, &strs(&args), &[]);
+    let (mut d, port) = Dockerd::start_on_free_port(None, &[], |port| {
+        let mut args = docker_args("udp", "::1", port, "127.0.0.1", backend.port());
+        args.push("-use-listen-fd".into());
+        (ListenFd::Udp("::1", port), args)
+    });
     assert_eq!(d.handshake, b"0\n", "handshake: {:?}", d.handshake_text());
     let to = format!("[::1]:{port}");
     assert_eq!(udp_echo_through("[::1]:0", &to, 8).to_string(), to);
@@ -415,8 +448,8 @@ fn host_port_in_use_fails_the_handshake() {
 
 #[test]
 fn sctp_fails_the_handshake() {
-    let port = free_port();
-    let args = docker_args("sctp", "127.0.0.1", port, "127.0.0.1", 9);
+    // Refused before anything is bound: any port will do.
+    let args = docker_args("sctp", "127.0.0.1", free_port(), "127.0.0.1", 9);
     let mut d = Dockerd::start(ListenFd::None, None, &strs(&args), &[]);
     let text = d.handshake_text();
     assert!(d.handshake.starts_with(b"1\n") && text.contains("sctp"), "handshake: {text:?}");
@@ -426,8 +459,7 @@ fn sctp_fails_the_handshake() {
 
 #[test]
 fn listen_fd_flag_without_fd_4_fails_the_handshake() {
-    let port = free_port();
-    let mut args = docker_args("tcp", "127.0.0.1", port, "127.0.0.1", 9);
+    let mut args = docker_args("tcp", "127.0.0.1", free_port(), "127.0.0.1", 9);
     args.push("-use-listen-fd".into());
     let mut d = Dockerd::start(ListenFd::None, None, &strs(&args), &[]);
     let text = d.handshake_text();
@@ -472,26 +504,28 @@ fn version_flags() {
 #[test]
 fn go_flag_spellings_end_to_end() {
     let backend = echo_server("127.0.0.1:0");
-    let port = free_port();
-    let args = [
-        "--proto=tcp".to_string(),
-        "-host-ip=127.0.0.1".into(),
-        format!("--host-port={port}"),
-        "--container-ip".into(),
-        "127.0.0.1".into(),
-        format!("-container-port={}", backend.port()),
-        "-use-listen-fd=true".into(),
-    ];
-    let mut d = Dockerd::start(ListenFd::Tcp("127.0.0.1", port), None, &strs(&args), &[]);
+    let (mut d, port) = Dockerd::start_on_free_port(None, &[], |port| {
+        let args = vec![
+            "--proto=tcp".to_string(),
+            "-host-ip=127.0.0.1".into(),
+            format!("--host-port={port}"),
+            "--container-ip".into(),
+            "127.0.0.1".into(),
+            format!("-container-port={}", backend.port()),
+            "-use-listen-fd=true".into(),
+        ];
+        (ListenFd::Tcp("127.0.0.1", port), args)
+    });
     assert_eq!(d.handshake, b"0\n", "handshake: {:?}", d.handshake_text());
     tcp_echo_through(&format!("127.0.0.1:{port}"), 9);
     assert_eq!(d.command("int"), "0");
 
     // -use-listen-fd=false: the relay binds its own socket.
-    let port = free_port();
-    let mut args = docker_args("tcp", "127.0.0.1", port, "127.0.0.1", backend.port());
-    args.push("-use-listen-fd=false".into());
-    let mut d = Dockerd::start(ListenFd::None, None, &strs(&args), &[]);
+    let (mut d, port) = Dockerd::start_on_free_port(None, &[], |port| {
+        let mut args = docker_args("tcp", "127.0.0.1", port, "127.0.0.1", backend.port());
+        args.push("-use-listen-fd=false".into());
+        (ListenFd::None, args)
+    });
     assert_eq!(d.handshake, b"0\n", "handshake: {:?}", d.handshake_text());
     tcp_echo_through(&format!("127.0.0.1:{port}"), 10);
     assert_eq!(d.command("int"), "0");
@@ -500,16 +534,17 @@ fn go_flag_spellings_end_to_end() {
 #[test]
 fn relay_exits_when_dockerd_dies() {
     let backend = echo_server("127.0.0.1:0");
-    let port = free_port();
-    let args = docker_args("tcp", "127.0.0.1", port, "127.0.0.1", backend.port());
-    let mut d = Dockerd::start(ListenFd::None, None, &strs(&args), &[]);
+    let (mut d, port) = Dockerd::start_on_free_port(None, &[], |port| {
+        let args = docker_args("tcp", "127.0.0.1", port, "127.0.0.1", backend.port());
+        (ListenFd::None, args)
+    });
     assert_eq!(d.handshake, b"0\n", "handshake: {:?}", d.handshake_text());
     tcp_echo_through(&format!("127.0.0.1:{port}"), 11);
     assert!(d.relay_alive());
     d.py.kill().unwrap(); // SIGKILL: no chance to clean up
     d.py.wait().unwrap();
     let pid = d.relay_pid;
-    assert!(wait_until(Duration::from_secs(3), || !process_alive(pid)), "relay {pid} outlived its parent by 3 s");
+    assert!(wait_until(PATIENCE, || !process_alive(pid)), "relay {pid} outlived its parent");
 }
 
 #[test]
@@ -531,9 +566,10 @@ fn logs_go_to_the_file_named_by_splice_relay_log() {
 #[test]
 fn splice_relay_opts_are_honoured() {
     let backend = echo_server("127.0.0.1:0");
-    let port = free_port();
-    let args = docker_args("tcp", "127.0.0.1", port, "127.0.0.1", backend.port());
-    let mut d = Dockerd::start(ListenFd::None, None, &strs(&args), &[("SPLICE_RELAY_OPTS", "--max-connections 1")]);
+    let (mut d, port) = Dockerd::start_on_free_port(None, &[("SPLICE_RELAY_OPTS", "--max-connections 1")], |port| {
+        let args = docker_args("tcp", "127.0.0.1", port, "127.0.0.1", backend.port());
+        (ListenFd::None, args)
+    });
     assert_eq!(d.handshake, b"0\n", "handshake: {:?}", d.handshake_text());
     let addr = format!("127.0.0.1:{port}");
     let mut first = connect(&addr);
@@ -550,13 +586,12 @@ fn splice_relay_opts_are_honoured() {
         other => panic!("second client served while the first is open (--max-connections 1): {other:?}"),
     }
     drop(first);
-    second.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    second.set_read_timeout(Some(PATIENCE)).unwrap();
     second.read_exact(&mut buf[..6]).unwrap();
     assert_eq!(&buf[..6], b"second");
     assert_eq!(d.command("int"), "0");
 
-    let port = free_port();
-    let args = docker_args("tcp", "127.0.0.1", port, "127.0.0.1", backend.port());
+    let args = docker_args("tcp", "127.0.0.1", free_port(), "127.0.0.1", backend.port());
     let mut d = Dockerd::start(ListenFd::None, None, &strs(&args), &[("SPLICE_RELAY_OPTS", "--bogus")]);
     let text = d.handshake_text();
     assert!(d.handshake.starts_with(b"1\n") && text.contains("SPLICE_RELAY_OPTS"), "handshake: {text:?}");

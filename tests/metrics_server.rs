@@ -171,16 +171,11 @@ fn echo(c: &mut TcpStream, msg: &[u8]) -> Result<(), String> {
 fn idle_metrics_clients_leave_fds_for_relaying_under_a_64_fd_limit() {
     require_prlimit();
     let backend = echo_server("127.0.0.1:0");
-    let (port, mport) = (free_port(), free_port());
-    let fwd = format!("127.0.0.1:{port}={backend}");
-    let metrics = format!("127.0.0.1:{mport}");
-    let mut r = Relay::start_with(&["--metrics", &metrics, &fwd], |cmd| {
-        let prog = cmd.get_program().to_owned();
-        let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
-        *cmd = Command::new("prlimit");
-        cmd.arg("--nofile=64:64").arg("--").arg(prog).args(args);
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).env("RUST_LOG", "debug");
+    let mut r = Relay::cmd().under(&["prlimit", "--nofile=64:64", "--"]).start(|ports| {
+        argv(["--metrics", &format!("127.0.0.1:{}", ports.pick()), &format!("127.0.0.1:{}={backend}", ports.pick())])
     });
+    let (mport, port) = (r.ports[0], r.ports[1]);
+    let metrics = format!("127.0.0.1:{mport}");
     wait_for_page(mport, Duration::from_secs(10));
     assert!(wait_until(Duration::from_secs(5), || r.fds().sockets <= 2), "the scrape's socket stayed open");
     let base = r.fds();
@@ -226,8 +221,10 @@ fn idle_metrics_clients_leave_fds_for_relaying_under_a_64_fd_limit() {
 #[test]
 fn a_slowloris_client_is_closed_within_the_head_timeout() {
     let backend = echo_server("127.0.0.1:0");
-    let (port, mport) = (free_port(), free_port());
-    let mut r = Relay::start(&["--metrics", &format!("127.0.0.1:{mport}"), &format!("127.0.0.1:{port}={backend}")]);
+    let mut r = Relay::start(|ports| {
+        argv(["--metrics", &format!("127.0.0.1:{}", ports.pick()), &format!("127.0.0.1:{}={backend}", ports.pick())])
+    });
+    let mport = r.ports[0];
     wait_for_page(mport, Duration::from_secs(10));
 
     let slow = thread::spawn(move || -> Result<(Duration, Vec<u8>), String> {
@@ -275,8 +272,10 @@ fn a_slowloris_client_is_closed_within_the_head_timeout() {
 #[test]
 fn only_get_metrics_gets_the_page() {
     let backend = echo_server("127.0.0.1:0");
-    let (port, mport) = (free_port(), free_port());
-    let mut r = Relay::start(&["--metrics", &format!("127.0.0.1:{mport}"), &format!("127.0.0.1:{port}={backend}")]);
+    let mut r = Relay::start(|ports| {
+        argv(["--metrics", &format!("127.0.0.1:{}", ports.pick()), &format!("127.0.0.1:{}={backend}", ports.pick())])
+    });
+    let mport = r.ports[0];
     wait_for_page(mport, Duration::from_secs(10));
     let mut oversized = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n".to_vec();
     for i in 0..180 {
@@ -313,24 +312,6 @@ fn only_get_metrics_gets_the_page() {
         }
     }
     assert_alive(&mut r);
-}
-
-/// The first of `n` consecutive ports free for TCP on 127.0.0.1, below the
-/// ephemeral range so that port-0 sockets of other tests do not take them.
-fn free_range(n: u16, attempt: u32) -> Option<u16> {
-    let eph_lo = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let (lo, hi) = if eph_lo > 10_000 + 2 * n { (10_000, eph_lo - n) } else { (eph_lo.max(1024), 65535 - n) };
-    let seed = (std::process::id() as u64).wrapping_mul(2654435761)
-        ^ u64::from(attempt).wrapping_mul(40503)
-        ^ u64::from(
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos(),
-        );
-    let base = lo + (seed % u64::from(hi - lo)) as u16;
-    let held: Vec<_> = (base..base + n).map_while(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok()).collect();
-    (held.len() == n as usize).then_some(base)
 }
 
 /// Percentiles of probe round trips, in milliseconds.
@@ -370,24 +351,13 @@ fn a_thousand_forwards_scraped_hard() {
         .map(|_| echo_server("127.0.0.1:0").port())
         .find(|p| u32::from(*p) + u32::from(N) <= 65535)
         .expect("an echo port with 1,000 ports above it");
-    let mport = free_port();
-    let mut started = None;
-    for attempt in 0..20 {
-        let Some(base) = free_range(N, attempt) else { continue };
+    let mut r = Relay::cmd().log("info").start(|ports| {
+        let m = ports.pick();
+        let base = ports.range(N);
         let fwd = format!("127.0.0.1:{}-{}=127.0.0.1:{}-{}", base, base + N - 1, echo_port, echo_port + N - 1);
-        let mut r = Relay::start_with(&["--metrics", &format!("127.0.0.1:{mport}"), &fwd], |cmd| {
-            cmd.env("RUST_LOG", "info");
-        });
-        let up = wait_until(Duration::from_secs(60), || {
-            r.child.try_wait().unwrap().is_some() || r.log().contains("metrics on http://")
-        });
-        if up && r.child.try_wait().unwrap().is_none() {
-            started = Some((r, base));
-            break;
-        }
-        eprintln!("attempt {attempt} with ports {base}-{}: {}", base + N - 1, r.log().lines().last().unwrap_or(""));
-    }
-    let (mut r, base) = started.expect("no 1,000 consecutive free ports in 20 attempts");
+        argv(["--metrics", &format!("127.0.0.1:{m}"), &fwd])
+    });
+    let (mport, base) = (r.ports[0], r.ports[1]);
     let page = wait_for_page(mport, Duration::from_secs(30));
     let last_label = format!("listen=\"127.0.0.1:{}\"", base + N - 1);
     assert!(String::from_utf8_lossy(&page.body).contains(&last_label), "no {last_label} on the page");

@@ -4,6 +4,7 @@ mod common;
 use common::*;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
@@ -32,14 +33,14 @@ fn send_and_capture(relay_addr: &str, payload: &[u8], rx: &mpsc::Receiver<Vec<u8
     let port = c.local_addr().unwrap().port();
     c.write_all(payload).unwrap();
     c.shutdown(Shutdown::Write).unwrap();
-    (rx.recv_timeout(Duration::from_secs(5)).expect("backend got the connection"), port)
+    (rx.recv_timeout(PATIENCE).expect("backend got the connection"), port)
 }
 
 #[test]
 fn send_proxy_v1_carries_the_ipv6_client_to_an_ipv4_backend() {
     let (backend, rx) = capture_backend();
-    let port = free_port();
-    let relay = Relay::start(&[&format!("[::]:{port}={backend},send-proxy=v1")]);
+    let relay = Relay::start(|p| argv([&format!("[::]:{}={backend},send-proxy=v1", p.pick())]));
+    let port = relay.port();
     let (got, cport) = send_and_capture(&format!("[::1]:{port}"), b"hello", &rx);
     let want = format!("PROXY TCP6 ::1 ::1 {cport} {port}\r\nhello");
     assert_eq!(String::from_utf8_lossy(&got), want, "{}", relay.log());
@@ -51,8 +52,8 @@ fn send_proxy_v1_carries_the_ipv6_client_to_an_ipv4_backend() {
 #[test]
 fn send_proxy_v2_exact_bytes() {
     let (backend, rx) = capture_backend();
-    let port = free_port();
-    let _relay = Relay::start(&["--send-proxy", "v2", &format!("127.0.0.1:{port}={backend}")]);
+    let relay = Relay::start(|p| argv(["--send-proxy", "v2", &format!("127.0.0.1:{}={backend}", p.pick())]));
+    let port = relay.port();
     let (got, cport) = send_and_capture(&format!("127.0.0.1:{port}"), b"data", &rx);
     let mut want = vec![0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x21, 0x11, 0, 12];
     want.extend_from_slice(&[127, 0, 0, 1, 127, 0, 0, 1]);
@@ -65,9 +66,10 @@ fn send_proxy_v2_exact_bytes() {
 #[test]
 fn udp_send_proxy_v2_prefixes_every_datagram() {
     let backend = UdpSocket::bind("127.0.0.1:0").unwrap();
-    backend.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let port = free_port();
-    let _relay = Relay::start(&[&format!("udp:127.0.0.1:{port}={},send-proxy=v2", backend.local_addr().unwrap())]);
+    backend.set_read_timeout(Some(PATIENCE)).unwrap();
+    let baddr = backend.local_addr().unwrap();
+    let relay = Relay::start(|p| argv([&format!("udp:127.0.0.1:{}={baddr},send-proxy=v2", p.pick())]));
+    let port = relay.port();
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
     let cport = client.local_addr().unwrap().port();
     for msg in [&b"one"[..], b"two"] {
@@ -82,12 +84,13 @@ fn udp_send_proxy_v2_prefixes_every_datagram() {
 
 fn accept_proxy_relay(extra: &[&str]) -> (Relay, u16, mpsc::Receiver<Vec<u8>>) {
     let (backend, rx) = capture_backend();
-    let port = free_port();
-    let mut args = vec!["--proxy-header-timeout", "1s"];
-    args.extend_from_slice(extra);
-    let fwd = format!("127.0.0.1:{port}={backend},accept-proxy,send-proxy=v1");
-    args.push(&fwd);
-    let relay = Relay::start(&args.iter().map(|s| s as &str).collect::<Vec<_>>());
+    let relay = Relay::start(|p| {
+        let mut args = argv(["--proxy-header-timeout", "1s"]);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args.push(format!("127.0.0.1:{}={backend},accept-proxy,send-proxy=v1", p.pick()));
+        args
+    });
+    let port = relay.port();
     (relay, port, rx)
 }
 
@@ -110,16 +113,10 @@ fn accept_proxy_honours_a_trusted_header_and_passes_it_on() {
     assert_eq!(String::from_utf8_lossy(&got), "PROXY TCP4 192.0.2.9 192.0.2.1 8080 80\r\nbody");
 }
 
-/// The relay closes the client (EOF or reset) and never reaches the backend.
+/// The relay closes the client (EOF or reset, not a read timeout) and
+/// never reaches the backend.
 fn assert_refused(port: u16, send: &[u8], rx: &mpsc::Receiver<Vec<u8>>, relay: &Relay) {
-    let mut c = connect(&format!("127.0.0.1:{port}"));
-    let _ = c.write_all(send);
-    c.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
-    let mut buf = [0u8; 16];
-    match c.read(&mut buf) {
-        Ok(0) | Err(_) => {}
-        Ok(n) => panic!("unexpected {n} bytes; log:\n{}", relay.log()),
-    }
+    assert!(refused(&format!("127.0.0.1:{port}"), send), "{send:?}: not closed; log:\n{}", relay.log());
     if let Ok(got) = rx.recv_timeout(Duration::from_millis(300)) {
         assert!(got.is_empty(), "backend received {:?}", String::from_utf8_lossy(&got));
     }
@@ -136,14 +133,14 @@ fn accept_proxy_refuses_bad_clients_one_by_one() {
     // Others are unaffected.
     let (got, _) = send_and_capture(&format!("127.0.0.1:{port}"), b"PROXY UNKNOWN\r\nok", &rx);
     assert!(String::from_utf8_lossy(&got).ends_with("\r\nok"), "{}", relay.log());
-    assert!(relay.log().contains("bad PROXY header"), "{}", relay.log());
+    relay.expect_log("bad PROXY header");
 }
 
 #[test]
 fn accept_proxy_refuses_untrusted_sources() {
     let (relay, port, rx) = accept_proxy_relay(&["--trusted-proxies", "10.0.0.0/8"]);
     assert_refused(port, b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nx", &rx, &relay);
-    assert!(relay.log().contains("not a trusted proxy"), "{}", relay.log());
+    relay.expect_log("not a trusted proxy");
 }
 
 #[test]
@@ -153,53 +150,99 @@ fn accept_proxy_without_trusted_sources_is_a_usage_error() {
     assert!(err.contains("--trusted-proxies"), "{err}");
 }
 
+/// HAProxy on a free port, `accept-proxy`, logging each client's address
+/// to its stdout as `client=ADDR`; killed on drop.
+struct Haproxy {
+    child: Child,
+    port: u16,
+    lines: mpsc::Receiver<String>,
+    _dir: TempDir,
+}
+
+impl Haproxy {
+    /// Starts it in front of `backend` and waits until it listens, on
+    /// another port if the one picked was taken meanwhile.
+    fn start(backend: std::net::SocketAddr) -> Haproxy {
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = TempDir::new(&format!("haproxy-{port}"));
+            let cfg = dir.0.join("h.cfg");
+            std::fs::write(
+                &cfg,
+                format!(
+                    "global\n  log stdout format raw local0\ndefaults\n  mode tcp\n  log global\n  timeout connect 5s\n  timeout client 15s\n  timeout server 15s\n  log-format \"client=%ci\"\nlisten l\n  bind 127.0.0.1:{port} accept-proxy\n  server s {backend}\n"
+                ),
+            )
+            .unwrap();
+            let mut child = Command::new("haproxy")
+                .args(["-db", "-f"])
+                .arg(&cfg)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn haproxy");
+            let out = child.stdout.take().unwrap();
+            let (tx, lines) = mpsc::channel();
+            thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+            let mut h = Haproxy { child, port, lines, _dir: dir };
+            let mut exited = false;
+            wait_until(PATIENCE, || {
+                exited = h.child.try_wait().unwrap().is_some();
+                exited || listening_on(port)
+            });
+            if !exited && listening_on(port) {
+                return h;
+            }
+            assert!(exited, "haproxy did not listen on port {port}");
+        }
+        panic!("haproxy exited at start 5 times (its port taken each time?)");
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A directory removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("relay-test-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// HAProxy with `accept-proxy` behind the relay logs the client's real address.
 #[test]
+#[ignore = "needs haproxy (apt-get install haproxy)"]
 fn haproxy_sees_the_real_client_address() {
-    if std::process::Command::new("haproxy").arg("-v").output().is_err() {
-        eprintln!("haproxy not installed; skipped");
-        return;
-    }
+    require_command("haproxy", "apt-get install haproxy");
     let backend = echo_server("127.0.0.1:0");
-    let hport = free_port();
-    let dir = std::env::temp_dir().join(format!("relay-haproxy-{hport}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("h.cfg");
-    std::fs::write(
-        &cfg,
-        format!(
-            "global\n  log stdout format raw local0\ndefaults\n  mode tcp\n  log global\n  timeout connect 5s\n  timeout client 5s\n  timeout server 5s\n  log-format \"client=%ci\"\nlisten l\n  bind 127.0.0.1:{hport} accept-proxy\n  server s {backend}\n"
-        ),
-    )
-    .unwrap();
-    let mut h = std::process::Command::new("haproxy")
-        .args(["-db", "-f"])
-        .arg(&cfg)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = h.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let port = free_port();
-    let _relay = Relay::start(&["--send-proxy", "v2", &format!("[::]:{port}=127.0.0.1:{hport}")]);
-    thread::sleep(Duration::from_millis(300));
+    let h = Haproxy::start(backend);
+    let hport = h.port;
+    let relay = Relay::start(|p| argv(["--send-proxy", "v2", &format!("[::]:{}=127.0.0.1:{hport}", p.pick())]));
+    let port = relay.port();
     for (addr, want) in [(format!("[::1]:{port}"), "client=::1"), (format!("127.0.0.1:{port}"), "client=127.0.0.1")] {
         let mut c: TcpStream = connect(&addr);
-        c.write_all(b"ping").unwrap();
-        let mut buf = [0u8; 4];
-        c.read_exact(&mut buf).unwrap();
-        assert_eq!(&buf, b"ping");
+        echo_round(&mut c, b"ping").unwrap_or_else(|e| panic!("{addr}: {e}\n{}", relay.log()));
         drop(c);
-        let line = rx.recv_timeout(Duration::from_secs(8)).expect("haproxy log line");
+        let line = h.lines.recv_timeout(PATIENCE).expect("haproxy log line");
         assert_eq!(line.trim(), want);
     }
-    let _ = h.kill();
-    let _ = h.wait();
 }

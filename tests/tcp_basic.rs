@@ -7,9 +7,8 @@ use std::net::Shutdown;
 #[test]
 fn ipv6_client_reaches_ipv4_backend() {
     let backend = echo_server("127.0.0.1:0");
-    let port = free_port();
-    let relay = Relay::start(&[&format!("[::]:{port}={backend}")]);
-    let mut c = connect(&format!("[::1]:{port}"));
+    let relay = Relay::start(|p| argv([&format!("[::]:{}={backend}", p.pick())]));
+    let mut c = connect(&format!("[::1]:{}", relay.port()));
     let data = pattern(1, 100_000);
     c.write_all(&data).unwrap();
     c.shutdown(Shutdown::Write).unwrap();

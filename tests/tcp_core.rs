@@ -1,5 +1,6 @@
 //! TCP end to end through the real binary: families, half-close, resets,
-//! many connections, pipes held only in flight, limits, signals, bad input.
+//! many connections, pipes held only in flight, fd limits, ranges and config
+//! files, bad input, backlogs, Nagle.
 mod common;
 use common::*;
 use std::io::{ErrorKind, Read, Write};
@@ -7,23 +8,12 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-fn echo_once(addr: &str, seed: u64, len: usize) {
-    let mut c = connect(addr);
-    let data = pattern(seed, len);
-    c.write_all(&data).unwrap();
-    c.shutdown(Shutdown::Write).unwrap();
-    let mut got = Vec::new();
-    c.read_to_end(&mut got).unwrap();
-    assert_eq!(got.len(), data.len());
-    assert!(got == data, "bytes differ for seed {seed}");
-}
-
 #[test]
 fn every_family_combination() {
     let v4 = echo_server("127.0.0.1:0");
     let v6 = echo_server("[::1]:0");
-    let (p1, p2) = (free_port(), free_port());
-    let _r = Relay::start(&[&format!("[::]:{p1}={v4}"), &format!("127.0.0.1:{p2}={v6}")]);
+    let r = Relay::start(|p| argv([&format!("[::]:{}={v4}", p.pick()), &format!("127.0.0.1:{}={v6}", p.pick())]));
+    let (p1, p2) = (r.ports[0], r.ports[1]);
     echo_once(&format!("[::1]:{p1}"), 1, 70_000);
     echo_once(&format!("127.0.0.1:{p1}"), 2, 70_000);
     echo_once(&format!("127.0.0.1:{p2}"), 3, 70_000);
@@ -32,8 +22,8 @@ fn every_family_combination() {
 #[test]
 fn ipv6_only_listener_refuses_ipv4() {
     let v4 = echo_server("127.0.0.1:0");
-    let p = free_port();
-    let _r = Relay::start(&["--ipv6-only", &format!("[::]:{p}={v4}")]);
+    let r = Relay::start(|p| argv(["--ipv6-only", &format!("[::]:{}={v4}", p.pick())]));
+    let p = r.port();
     echo_once(&format!("[::1]:{p}"), 4, 1000);
     let e = TcpStream::connect(("127.0.0.1", p)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ConnectionRefused);
@@ -50,8 +40,8 @@ fn reply_arrives_after_the_clients_shut_wr() {
         thread::sleep(Duration::from_millis(100));
         s.write_all(&[b"reply to ".as_slice(), &req].concat()).unwrap();
     });
-    let p = free_port();
-    let _r = Relay::start(&[&format!("127.0.0.1:{p}={backend}")]);
+    let r = Relay::start(|p| argv([&format!("127.0.0.1:{}={backend}", p.pick())]));
+    let p = r.port();
     let mut c = connect(&format!("127.0.0.1:{p}"));
     c.write_all(b"question").unwrap();
     c.shutdown(Shutdown::Write).unwrap();
@@ -72,8 +62,8 @@ fn data_still_flows_after_the_backends_shut_wr() {
         s.read_to_end(&mut rest).unwrap();
         rest
     });
-    let p = free_port();
-    let _r = Relay::start(&[&format!("127.0.0.1:{p}={backend}")]);
+    let r = Relay::start(|p| argv([&format!("127.0.0.1:{}={backend}", p.pick())]));
+    let p = r.port();
     let mut c = connect(&format!("127.0.0.1:{p}"));
     let mut got = Vec::new();
     c.read_to_end(&mut got).unwrap();
@@ -86,16 +76,11 @@ fn data_still_flows_after_the_backends_shut_wr() {
 
 #[test]
 fn refused_backend_resets_the_client() {
-    let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap(); // closed at once
-    let p = free_port();
-    let r = Relay::start(&[&format!("127.0.0.1:{p}={dead}")]);
-    let mut c = connect(&format!("127.0.0.1:{p}"));
-    c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let t = Instant::now();
-    let e = c.read(&mut [0u8; 8]).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::ConnectionReset, "{e}");
-    assert!(t.elapsed() < Duration::from_secs(2));
-    assert!(wait_until(Duration::from_secs(2), || r.log().contains("backend unreachable")), "{}", r.log());
+    let dead = HeldPort::new(); // bound, not listening: connections are refused
+    let r = Relay::start(|p| argv([&format!("127.0.0.1:{}={}", p.pick(), dead.addr())]));
+    let end = first_read_end(&format!("127.0.0.1:{}", r.port()));
+    assert_eq!(end, ReadEnd::Error(ErrorKind::ConnectionReset));
+    r.expect_log("backend unreachable");
 }
 
 #[test]
@@ -105,15 +90,15 @@ fn a_reset_reaches_the_other_side_both_ways() {
     let backend = l.local_addr().unwrap();
     thread::spawn(move || {
         let (s, _) = l.accept().unwrap();
-        thread::sleep(Duration::from_millis(200));
-        drop(s); // the client's bytes are unread: RST
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        let _ = s.peek(&mut [0u8; 1]);
+        drop(s); // the client's bytes are there, unread: RST
     });
-    let p = free_port();
-    let _r = Relay::start(&[&format!("127.0.0.1:{p}={backend}")]);
+    let r = Relay::start(|p| argv([&format!("127.0.0.1:{}={backend}", p.pick())]));
+    let p = r.port();
     let mut c = connect(&format!("127.0.0.1:{p}"));
     c.write_all(b"unread").unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    assert_eq!(c.read(&mut [0u8; 8]).unwrap_err().kind(), ErrorKind::ConnectionReset);
+    assert_eq!(read_end(&mut c, PATIENCE), ReadEnd::Error(ErrorKind::ConnectionReset));
 
     // Client resets: the backend sees ECONNRESET.
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -121,7 +106,7 @@ fn a_reset_reaches_the_other_side_both_ways() {
     let h = thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
         s.write_all(b"greeting").unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
         let mut buf = [0u8; 64];
         loop {
             match s.read(&mut buf) {
@@ -131,20 +116,20 @@ fn a_reset_reaches_the_other_side_both_ways() {
             }
         }
     });
-    let p = free_port();
-    let _r = Relay::start(&[&format!("127.0.0.1:{p}={backend}")]);
+    let r = Relay::start(|p| argv([&format!("127.0.0.1:{}={backend}", p.pick())]));
+    let p = r.port();
     let c = connect(&format!("127.0.0.1:{p}"));
-    thread::sleep(Duration::from_millis(200)); // greeting arrives, unread
-    drop(c);
+    assert_eq!(c.peek(&mut [0u8; 1]).unwrap(), 1, "no greeting");
+    drop(c); // the greeting is there, unread: RST
     assert_eq!(h.join().unwrap(), Err(ErrorKind::ConnectionReset));
 }
 
 #[test]
 fn a_thousand_connections_echo_and_leave_no_fd_behind() {
     let backend = echo_server("127.0.0.1:0");
-    let p = free_port();
-    let r = Relay::start(&[&format!("127.0.0.1:{p}={backend}")]);
-    let base = r.fds();
+    let r = Relay::start(|p| argv([&format!("127.0.0.1:{}={backend}", p.pick())]));
+    let p = r.port();
+    let base = r.baseline();
     let mut conns: Vec<(TcpStream, Vec<u8>)> = (0..1000)
         .map(|i| {
             let c = connect(&format!("127.0.0.1:{p}"));
@@ -160,182 +145,150 @@ fn a_thousand_connections_echo_and_leave_no_fd_behind() {
         assert!(got == *d);
     }
     drop(conns);
-    // Sockets back to the baseline; pipes at most the pool's 32 spares.
-    let settled = || {
-        let f = r.fds();
-        f.sockets == base.sockets && f.pipes <= 64 && f.total - f.pipes == base.total - base.pipes
-    };
-    assert!(wait_until(Duration::from_secs(5), settled), "fds {:?} vs {base:?}", r.fds());
+    // Sockets and other fds back to the baseline, no pipe lent, and every
+    // pipe fd beside the relay's own is one of the pool's spares (at most 32).
+    r.assert_back_to_baseline(base);
 }
 
 #[test]
 fn idle_connections_hold_no_pipes() {
     let backend = echo_server("127.0.0.1:0");
-    let p = free_port();
-    let r = Relay::start(&[&format!("127.0.0.1:{p}={backend}")]);
+    let r = Relay::start(|p| argv([&format!("127.0.0.1:{}={backend}", p.pick())]));
+    let p = r.port();
+    let base = r.baseline();
     let mut conns: Vec<TcpStream> = (0..100).map(|_| connect(&format!("127.0.0.1:{p}"))).collect();
     for c in &mut conns {
-        c.write_all(b"ping").unwrap();
-        let mut b = [0u8; 4];
-        c.read_exact(&mut b).unwrap();
+        echo_round(c, b"ping").unwrap();
     }
+    // 100 idle connections: none holds a pipe; every pipe fd beside the
+    // relay's own is a spare of the pool.
+    let (lent, spare) = r.pipe_stats();
     let f = r.fds();
-    assert_eq!(f.sockets, 201, "{f:?}"); // 100 clients + 100 backends + the listener
-    assert!(f.pipes <= 64, "at most the pool's 32 spare pipes: {f:?}");
+    assert_eq!(lent, 0, "pipes lent to idle connections");
+    assert!(spare <= POOL_MAX_SPARE, "{spare} spare pipes");
+    assert_eq!(f.pipes, base.own_pipes() + 2 * spare, "{f:?}, {spare} spare");
+    assert_eq!(f.sockets, base.fds.sockets + 200, "{f:?}"); // 100 clients + 100 backends
 }
 
 #[test]
 fn a_client_that_never_reads_does_not_grow_the_relay() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let backend = l.local_addr().unwrap();
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = written.clone();
     thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
-        let chunk = vec![7u8; 1 << 20];
+        s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+        let chunk = vec![7u8; 64 << 10];
         let t = Instant::now();
-        for _ in 0..1024 {
-            if t.elapsed() > Duration::from_secs(10) || s.write_all(&chunk).is_err() {
+        for _ in 0..16384 {
+            if t.elapsed() > Duration::from_secs(60) || s.write_all(&chunk).is_err() {
                 break;
             }
+            count.fetch_add(chunk.len(), std::sync::atomic::Ordering::SeqCst);
         }
     });
-    let p = free_port();
-    let r = Relay::start(&["-q", &format!("127.0.0.1:{p}={backend}")]);
+    let r = Relay::start(|p| argv(["-q", &format!("127.0.0.1:{}={backend}", p.pick())]));
+    let p = r.port();
     let _c = connect(&format!("127.0.0.1:{p}"));
-    thread::sleep(Duration::from_secs(2));
+    // Wait until the backend is blocked: no byte written for half a second.
+    let mut last = (usize::MAX, Instant::now());
+    let stalled = wait_until(Duration::from_secs(30), || {
+        let now = written.load(std::sync::atomic::Ordering::SeqCst);
+        if now != last.0 {
+            last = (now, Instant::now());
+        }
+        now > 0 && last.1.elapsed() > Duration::from_millis(500)
+    });
+    let backlog = written.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(stalled, "the backend wrote {backlog} bytes and was still writing: the relay keeps reading");
     let rss = r.rss_kib();
-    assert!(rss < 30 * 1024, "RSS {rss} KiB: the backlog must stay in kernel buffers");
+    assert!(rss < 30 * 1024, "RSS {rss} KiB with {backlog} bytes held up: the backlog must stay in kernel buffers");
 }
 
 #[test]
 fn low_fd_limit_neither_exits_nor_spins() {
+    require_command("prlimit", "apt-get install util-linux");
     let backend = echo_server("127.0.0.1:0");
-    let p = free_port();
-    let fwd = format!("127.0.0.1:{p}={backend}");
-    let mut r = Relay::start_with(&[&fwd], |cmd| {
-        let prog = cmd.get_program().to_owned();
-        let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
-        *cmd = std::process::Command::new("prlimit");
-        cmd.arg("--nofile=40:40").arg("--").arg(prog).args(args);
-        cmd.stdin(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).env("RUST_LOG", "info");
-    });
+    let mut r = Relay::cmd()
+        .log("info")
+        .under(&["prlimit", "--nofile=40:40", "--"])
+        .start(|p| argv([&format!("127.0.0.1:{}={backend}", p.pick())]));
+    let p = r.port();
     let clients: Vec<TcpStream> = (0..40).map(|_| connect(&format!("127.0.0.1:{p}"))).collect();
-    thread::sleep(Duration::from_millis(300));
+    r.expect_log("Too many open files");
+    // Out of fds with clients waiting: 2 s of it cost little CPU.
     let before = r.cpu_ticks();
     thread::sleep(Duration::from_secs(2));
     let spent = r.cpu_ticks() - before;
-    assert!(r.child.try_wait().unwrap().is_none(), "relay exited: {}", r.log());
+    r.assert_alive();
     assert!(spent < 50, "relay spun: {spent} ticks in 2 s");
-    let log = r.log();
-    assert!(log.contains("Too many open files"), "{log}");
     drop(clients);
-    thread::sleep(Duration::from_millis(300));
+    // Served again once fds are free (this client may wait in the backlog).
     echo_once(&format!("127.0.0.1:{p}"), 5, 1000);
-    assert!(r.wait_exit(Duration::from_millis(10)).is_none());
+    r.assert_alive();
 }
 
 #[test]
 fn port_range_config_file_and_connection_limit() {
-    // 10 consecutive free ports for the listeners.
-    let base = loop {
-        let b = free_port();
-        if b < 65000 && (1..10).all(|i| TcpListener::bind(("::", b + i)).is_ok()) {
-            break b;
-        }
-    };
     let backend = echo_server("127.0.0.1:0");
-    let dir = std::env::temp_dir().join(format!("relay-conf-{base}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let conf = dir.join("relay.conf");
-    let single = free_port();
-    std::fs::write(&conf, format!("# test\n\n127.0.0.1:{single}={backend} # inline\n")).unwrap();
-    let fwd = format!("127.0.0.1:{base}-{}=127.0.0.1:{}-{}", base + 9, backend.port(), backend.port());
-    // Unequal widths are refused; a 10-port range to one backend needs 10 backend ports:
-    let (code, err) = run_to_exit(&[&fwd]);
+    // Unequal widths are refused; a 10-port range to one backend needs 10 backend ports.
+    let (code, err) = run_to_exit(&[&format!("127.0.0.1:2000-2009=127.0.0.1:{0}-{0}", backend.port())]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("differ in width"), "{err}");
     let backs: Vec<_> = (0..10).map(|_| echo_server("127.0.0.1:0")).collect();
-    let conf2 = dir.join("range.conf");
-    let lines: String = backs.iter().enumerate().map(|(i, b)| format!("127.0.0.1:{}={b}\n", base + i as u16)).collect();
-    std::fs::write(&conf2, lines).unwrap();
-    let _r = Relay::start(&["--max-connections", "2", "-c", conf.to_str().unwrap(), "-c", conf2.to_str().unwrap()]);
+    let dir = std::env::temp_dir().join(format!("relay-conf-{}-{}", std::process::id(), backend.port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (conf, conf2) = (dir.join("relay.conf"), dir.join("range.conf"));
+    // One forward in the first file, ten on consecutive ports in the second.
+    let r = Relay::start(|p| {
+        let single = p.pick();
+        std::fs::write(&conf, format!("# test\n\n127.0.0.1:{single}={backend} # inline\n")).unwrap();
+        let base = p.range(10);
+        let lines: String =
+            backs.iter().enumerate().map(|(i, b)| format!("127.0.0.1:{}={b}\n", base + i as u16)).collect();
+        std::fs::write(&conf2, lines).unwrap();
+        argv(["--max-connections", "2", "-c", conf.to_str().unwrap(), "-c", conf2.to_str().unwrap()])
+    });
+    let (single, base) = (r.ports[0], r.ports[1]);
+    assert_eq!(r.count("listening on"), 11);
     for i in 0..10 {
         echo_once(&format!("127.0.0.1:{}", base + i), i as u64, 100);
     }
     echo_once(&format!("127.0.0.1:{single}"), 11, 100);
     // --max-connections 2: a third client waits in the backlog.
-    let a = connect(&format!("127.0.0.1:{single}"));
-    let b = connect(&format!("127.0.0.1:{single}"));
-    thread::sleep(Duration::from_millis(100));
+    let mut a = connect(&format!("127.0.0.1:{single}"));
+    let mut b = connect(&format!("127.0.0.1:{single}"));
+    echo_round(&mut a, b"first").unwrap();
+    echo_round(&mut b, b"second").unwrap();
     let mut c = connect(&format!("127.0.0.1:{single}"));
     c.write_all(b"third").unwrap();
-    c.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
-    assert!(c.read(&mut [0u8; 5]).is_err(), "third client served beyond the limit");
+    assert_eq!(read_end(&mut c, Duration::from_millis(500)), ReadEnd::TimedOut, "third client served beyond the limit");
     drop(a);
-    c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    c.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut got = [0u8; 5];
     c.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"third");
     drop(b);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn range_with_a_shared_width_relays_each_port_to_its_pair() {
-    let (lp, tp) = (free_port(), free_port());
     // Ranges of width 1 written as A-A are allowed.
-    let l = TcpListener::bind(("127.0.0.1", tp)).unwrap();
-    drop(l);
-    let backend = echo_server(&format!("127.0.0.1:{tp}"));
-    let _r = Relay::start(&[&format!("127.0.0.1:{lp}-{lp}=127.0.0.1:{tp}-{tp}")]);
-    assert_eq!(backend.port(), tp);
-    echo_once(&format!("127.0.0.1:{lp}"), 12, 10);
-}
-
-#[test]
-fn sigterm_and_sigint_exit_zero() {
-    for sig in [15, 2] {
-        let backend = echo_server("127.0.0.1:0");
-        let p = free_port();
-        let mut r = Relay::start(&[&format!("127.0.0.1:{p}={backend}")]);
-        r.signal(sig);
-        let st = r.wait_exit(Duration::from_secs(2)).expect("exits promptly");
-        assert_eq!(st.code(), Some(0));
-    }
-}
-
-#[test]
-fn drain_lets_an_open_transfer_finish() {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let backend = l.local_addr().unwrap();
-    thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
-        for i in 0..10u8 {
-            thread::sleep(Duration::from_millis(100));
-            if s.write_all(&[i; 1000]).is_err() {
-                return;
-            }
-        }
+    let tp = echo_server("127.0.0.1:0").port();
+    let r = Relay::start(|p| {
+        let lp = p.pick();
+        argv([&format!("127.0.0.1:{lp}-{lp}=127.0.0.1:{tp}-{tp}")])
     });
-    let p = free_port();
-    let mut r = Relay::start(&["--drain-timeout", "5s", &format!("127.0.0.1:{p}={backend}")]);
-    let mut c = connect(&format!("127.0.0.1:{p}"));
-    let mut first = [0u8; 1000];
-    c.read_exact(&mut first).unwrap();
-    r.signal(15);
-    thread::sleep(Duration::from_millis(100));
-    assert!(TcpStream::connect(("127.0.0.1", p)).is_err(), "new clients are refused while draining");
-    let mut rest = Vec::new();
-    c.read_to_end(&mut rest).unwrap();
-    assert_eq!(rest.len(), 9000);
-    drop(c);
-    let st = r.wait_exit(Duration::from_secs(3)).expect("exits after the drain");
-    assert_eq!(st.code(), Some(0));
+    echo_once(&format!("127.0.0.1:{}", r.port()), 12, 10);
 }
 
 #[test]
 fn no_splice_copies_intact() {
     let backend = echo_server("127.0.0.1:0");
-    let p = free_port();
-    let _r = Relay::start(&["--no-splice", &format!("127.0.0.1:{p}={backend}")]);
+    let r = Relay::start(|p| argv(["--no-splice", &format!("127.0.0.1:{}={backend}", p.pick())]));
+    let p = r.port();
     let hs: Vec<_> =
         (0..50).map(|i| thread::spawn(move || echo_once(&format!("127.0.0.1:{p}"), 100 + i, 200_000))).collect();
     for h in hs {
@@ -378,8 +331,8 @@ fn quarter_gib_each_way_at_once_arrives_intact() {
     const CHUNK: usize = 1 << 20;
     const CHUNKS: u64 = 256;
     let backend = echo_server("127.0.0.1:0");
-    let p = free_port();
-    let _r = Relay::start(&["-q", &format!("[::1]:{p}={backend}")]);
+    let r = Relay::start(|p| argv(["-q", &format!("[::1]:{}={backend}", p.pick())]));
+    let p = r.port();
     let c = connect(&format!("[::1]:{p}"));
     let mut w = c.try_clone().unwrap();
     let base = pattern(77, CHUNK);
@@ -413,31 +366,33 @@ fn quarter_gib_each_way_at_once_arrives_intact() {
 fn a_backlog_larger_than_one_accept_slice_is_served_whole() {
     const N: usize = 100;
     let backend = echo_server("127.0.0.1:0");
-    let p = free_port();
-    let r = Relay::start(&[&format!("127.0.0.1:{p}={backend}")]);
+    let r = Relay::start(|p| argv([&format!("127.0.0.1:{}={backend}", p.pick())]));
+    let p = r.port();
     let addr = format!("127.0.0.1:{p}");
-    r.signal(19); // SIGSTOP
+    r.stop();
     let mut conns: Vec<TcpStream> = (0..N).map(|_| connect(&addr)).collect();
     for (i, c) in conns.iter_mut().enumerate() {
         c.write_all(&pattern(i as u64, 1000)).unwrap();
     }
-    r.signal(18); // SIGCONT
+    r.signal(SIGCONT);
     for (i, c) in conns.iter_mut().enumerate() {
         let mut got = vec![0u8; 1000];
-        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         c.read_exact(&mut got).unwrap_or_else(|e| panic!("client {i}: {e}\n{}", r.log()));
         assert!(got == pattern(i as u64, 1000), "client {i}: bytes differ");
     }
 }
 
 /// Small writes cross the relay at once both ways (TCP_NODELAY on both of
-/// its sockets): a ping-pong of 1-byte messages where each
-/// side writes twice before it reads. With Nagle on either relay socket the
-/// second write waits for the peer's delayed ACK (40 ms or more) each round.
-/// The test's own sockets have TCP_NODELAY too.
+/// its sockets): a ping-pong of 1-byte messages where each side writes
+/// twice before it reads. With Nagle on either relay socket the second
+/// write waits for the peer's delayed ACK (40 ms at least) in every round
+/// once the connection's first quick ACKs are spent; without it a round
+/// takes a few milliseconds. The median round must stay under that 40 ms
+/// floor (a loaded machine slows some rounds, not most of them). The
+/// test's own sockets have TCP_NODELAY too.
 #[test]
 fn small_writes_are_not_held_back_by_nagle() {
-    const ROUNDS: usize = 20;
+    const ROUNDS: usize = 40;
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let backend = l.local_addr().unwrap();
     thread::spawn(move || {
@@ -453,20 +408,25 @@ fn small_writes_are_not_held_back_by_nagle() {
             let _ = s.write_all(b"b");
         }
     });
-    let p = free_port();
-    let r = Relay::start(&[&format!("127.0.0.1:{p}={backend}")]);
-    let mut c = connect(&format!("127.0.0.1:{p}"));
+    let r = Relay::start(|p| argv([&format!("127.0.0.1:{}={backend}", p.pick())]));
+    let mut c = connect(&format!("127.0.0.1:{}", r.port()));
     c.set_nodelay(true).unwrap();
-    let t = Instant::now();
     let mut b = [0u8; 2];
-    for i in 0..ROUNDS {
-        c.write_all(b"x").unwrap();
-        thread::sleep(Duration::from_millis(2));
-        c.write_all(b"y").unwrap();
-        c.read_exact(&mut b).unwrap_or_else(|e| panic!("round {i}: {e}\n{}", r.log()));
-        assert_eq!(&b, b"ab");
-    }
-    let took = t.elapsed();
-    // Without Nagle about 20 x 4 ms; with it, 20 x 40 ms or more.
-    assert!(took < Duration::from_millis(500), "{ROUNDS} rounds took {took:?}: small writes were held back");
+    let mut rounds: Vec<Duration> = (0..ROUNDS)
+        .map(|i| {
+            let t = Instant::now();
+            c.write_all(b"x").unwrap();
+            thread::sleep(Duration::from_millis(2));
+            c.write_all(b"y").unwrap();
+            c.read_exact(&mut b).unwrap_or_else(|e| panic!("round {i}: {e}\n{}", r.log()));
+            assert_eq!(&b, b"ab");
+            t.elapsed()
+        })
+        .collect();
+    rounds.sort();
+    let median = rounds[ROUNDS / 2];
+    assert!(
+        median < Duration::from_millis(40),
+        "median round {median:?}: small writes were held back; rounds {rounds:?}"
+    );
 }

@@ -56,11 +56,12 @@ fn urgent_passes(upstream: bool, receiver_inline: bool, relay_args: &[&str]) {
     expected.extend_from_slice(&after);
     let backend = TcpListener::bind("127.0.0.1:0").unwrap();
     let baddr = backend.local_addr().unwrap();
-    let p = free_port();
-    let mut args = relay_args.to_vec();
-    let fwd = format!("127.0.0.1:{p}={baddr}");
-    args.push(&fwd);
-    let r = Relay::start(&args);
+    let r = Relay::start(|ports| {
+        let mut args: Vec<String> = relay_args.iter().map(|a| a.to_string()).collect();
+        args.push(format!("127.0.0.1:{}={baddr}", ports.pick()));
+        args
+    });
+    let p = r.port();
     let (b4, af) = (before.clone(), after.clone());
     let server = thread::spawn(move || {
         let (mut s, _) = backend.accept().unwrap();
@@ -171,8 +172,8 @@ fn read_some(c: &mut TcpStream, n: usize) {
 #[test]
 fn sigterm_resets_open_transfers_instead_of_closing_them_cleanly() {
     let (backend, ends) = streaming_backend();
-    let p = free_port();
-    let mut r = Relay::start(&[&format!("127.0.0.1:{p}={backend}")]);
+    let mut r = Relay::start(|ports| vec![format!("127.0.0.1:{}={backend}", ports.pick())]);
+    let p = r.port();
     let mut clients: Vec<TcpStream> = (0..3).map(|_| connect(&format!("127.0.0.1:{p}"))).collect();
     for c in &mut clients {
         read_some(c, 100_000);
@@ -194,9 +195,15 @@ fn sigterm_resets_open_transfers_instead_of_closing_them_cleanly() {
 fn a_drain_that_runs_out_resets_what_is_left_and_other_signals_do_not_end_the_relay() {
     let (backend, _ends) = streaming_backend();
     let echo = echo_server("127.0.0.1:0");
-    let (p, q) = (free_port(), free_port());
-    let mut r =
-        Relay::start(&["--drain-timeout", "2s", &format!("127.0.0.1:{p}={backend}"), &format!("127.0.0.1:{q}={echo}")]);
+    let mut r = Relay::start(|ports| {
+        argv([
+            "--drain-timeout",
+            "2s",
+            &format!("127.0.0.1:{}={backend}", ports.pick()),
+            &format!("127.0.0.1:{}={echo}", ports.pick()),
+        ])
+    });
+    let (p, q) = (r.ports[0], r.ports[1]);
     let mut c = connect(&format!("127.0.0.1:{p}"));
     read_some(&mut c, 100_000);
     for sig in [SIGUSR2, SIGALRM, SIGRT] {
@@ -240,8 +247,9 @@ fn a_client_that_half_closes_still_gets_a_long_slow_response() {
         }
         s.shutdown(Shutdown::Write).unwrap();
     });
-    let p = free_port();
-    let r = Relay::start(&["--half-close-timeout", "1s", &format!("127.0.0.1:{p}={backend}")]);
+    let r =
+        Relay::start(|ports| argv(["--half-close-timeout", "1s", &format!("127.0.0.1:{}={backend}", ports.pick())]));
+    let p = r.port();
     let mut c = connect(&format!("127.0.0.1:{p}"));
     c.write_all(b"GET /slow\r\n").unwrap();
     c.shutdown(Shutdown::Write).unwrap();
@@ -294,16 +302,18 @@ fn v1_header(src: &str, sport: u16) -> String {
 #[test]
 fn accept_proxy_connects_only_after_a_valid_header() {
     let (backend, accepted) = counting_backend();
-    let p = free_port();
-    let r = Relay::start(&[
-        "--trusted-proxies",
-        "127.0.0.1/32",
-        "--proxy-header-timeout",
-        "30s",
-        "--max-connections-per-source",
-        "1",
-        &format!("127.0.0.1:{p}={backend},accept-proxy"),
-    ]);
+    let r = Relay::start(|ports| {
+        argv([
+            "--trusted-proxies",
+            "127.0.0.1/32",
+            "--proxy-header-timeout",
+            "30s",
+            "--max-connections-per-source",
+            "1",
+            &format!("127.0.0.1:{}={backend},accept-proxy", ports.pick()),
+        ])
+    });
+    let p = r.port();
     let addr = format!("127.0.0.1:{p}");
     // 20 silent clients and 20 plain-HTTP clients make no backend connection.
     let silent: Vec<TcpStream> = (0..20).map(|_| connect(&addr)).collect();
@@ -352,8 +362,8 @@ fn a_backend_that_accepts_then_resets_is_not_called_unreachable() {
             drop(s);
         }
     });
-    let p = free_port();
-    let r = Relay::start(&[&format!("127.0.0.1:{p}={backend}")]);
+    let r = Relay::start(|ports| vec![format!("127.0.0.1:{}={backend}", ports.pick())]);
+    let p = r.port();
     for _ in 0..5 {
         let mut c = connect(&format!("127.0.0.1:{p}"));
         assert!(ended_within(&mut c, Duration::from_secs(10)));

@@ -127,13 +127,15 @@ impl Want {
 fn udp_counters_count_received_sent_and_dropped_exactly() {
     let backend_a = udp_echo("127.0.0.1:0");
     let backend_b = big_reply_backend();
-    let (pa, pb, m) = (free_port(), free_port(), free_port());
-    let mut r = Relay::start(&[
-        "--metrics",
-        &format!("127.0.0.1:{m}"),
-        &format!("udp:[::1]:{pa}={backend_a}"),
-        &format!("udp:[::]:{pb}={backend_b}"),
-    ]);
+    let mut r = Relay::start(|ports| {
+        argv([
+            "--metrics",
+            &format!("127.0.0.1:{}", ports.pick()),
+            &format!("udp:[::1]:{}={backend_a}", ports.pick()),
+            &format!("udp:[::]:{}={backend_b}", ports.pick()),
+        ])
+    });
+    let (m, pa, pb) = (r.ports[0], r.ports[1], r.ports[2]);
     assert!(r.child.try_wait().unwrap().is_none(), "relay did not start:\n{}", r.log());
 
     let a = socket("[::1]:0");

@@ -67,8 +67,11 @@ fn run_until_exit(args: &[&str]) -> (Option<i32>, String) {
 #[test]
 fn a_listening_udp_socket_cannot_be_shared() {
     let backend = udp_echo("127.0.0.1:0");
-    let p = free_port();
-    let mut r = Relay::start(&[&format!("udp:127.0.0.1:{p}={backend}"), &format!("udp:[::1]:{p}={backend}")]);
+    let mut r = Relay::start(|ports| {
+        let p = ports.pick();
+        vec![format!("udp:127.0.0.1:{p}={backend}"), format!("udp:[::1]:{p}={backend}")]
+    });
+    let p = r.port();
     assert!(r.child.try_wait().unwrap().is_none(), "relay did not start:\n{}", r.log());
     assert_eq!(bind_with_reuseaddr("AF_INET", "127.0.0.1", p), "errno 98", "127.0.0.1:{p} was shared");
     assert_eq!(bind_with_reuseaddr("AF_INET6", "::1", p), "errno 98", "[::1]:{p} was shared");
@@ -108,8 +111,10 @@ fn a_reply_during_a_drain_reaches_the_client_then_the_relay_exits() {
     let backend = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     backend.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let baddr = backend.local_addr().unwrap();
-    let p = free_port();
-    let mut r = Relay::start(&["--drain-timeout", "20s", "--udp-timeout", "1s", &format!("udp:127.0.0.1:{p}={baddr}")]);
+    let mut r = Relay::start(|ports| {
+        argv(["--drain-timeout", "20s", "--udp-timeout", "1s", &format!("udp:127.0.0.1:{}={baddr}", ports.pick())])
+    });
+    let p = r.port();
     let relay_addr = format!("127.0.0.1:{p}");
     let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

@@ -1,178 +1,36 @@
-//! Helpers for end-to-end tests: run the real binary on loopback, with ports
-//! picked by the OS, and small backends (echo, sink, source).
-#![allow(dead_code)]
+//! Helpers for the end-to-end tests: the relay under test ([`relay`]),
+//! ports and clients ([`net`]), backends ([`backends`]), and what a test
+//! needs from the machine (`require_*`). Every wait here polls for a
+//! condition under a generous bound ([`PATIENCE`]): the suite runs on
+//! loaded 2-core machines.
+#![allow(dead_code, unused_imports)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+pub mod backends;
+pub mod net;
+pub mod relay;
+
+pub use backends::*;
+pub use net::*;
+pub use relay::*;
+
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_splice-relay");
 
-/// A port free on both IPv4 and IPv6 loopback/any (asked of the kernel).
-pub fn free_port() -> u16 {
-    // A dual-stack [::]:0 listener reserves the port for both families.
-    let l = TcpListener::bind("[::]:0").expect("bind [::]:0");
-    let port = l.local_addr().unwrap().port();
-    // Make sure UDP is free on the same port too.
-    if UdpSocket::bind(("::", port)).is_err() {
-        return free_port();
-    }
-    port
-}
+/// How long a test waits for something that should happen at once.
+pub const PATIENCE: Duration = Duration::from_secs(15);
 
-/// A running relay; killed (SIGKILL) on drop if still alive.
-pub struct Relay {
-    pub child: Child,
-    pub log: Arc<Mutex<String>>,
-}
+pub const SIGINT: i32 = 2;
+pub const SIGKILL: i32 = 9;
+pub const SIGUSR1: i32 = 10;
+pub const SIGTERM: i32 = 15;
+pub const SIGCONT: i32 = 18;
+pub const SIGSTOP: i32 = 19;
 
-impl Relay {
-    /// Starts the relay with `args` and waits until it logged `ready_lines`
-    /// "listening on" lines (every forward bound) or failed.
-    pub fn start(args: &[&str]) -> Relay {
-        Self::start_with(args, |_| {})
-    }
-
-    /// Like `start`, letting the caller adjust the command (env, rlimits).
-    pub fn start_with(args: &[&str], adjust: impl FnOnce(&mut Command)) -> Relay {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        cmd.env("RUST_LOG", "debug");
-        adjust(&mut cmd);
-        let mut child = cmd.spawn().expect("spawn relay");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let log2 = log.clone();
-        thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let is_ready = line.contains("listening on") || line.contains("ERROR");
-                log2.lock().unwrap().push_str(&line);
-                log2.lock().unwrap().push('\n');
-                if is_ready {
-                    if let Some(t) = &tx {
-                        if t.send(()).is_err() {
-                            tx = None;
-                        }
-                    }
-                }
-            }
-        });
-        let expected = args.iter().filter(|a| a.contains('=') && !a.starts_with('-')).count().max(1);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut seen = 0;
-        while seen < expected {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(()) => seen += 1,
-                Err(_) => break,
-            }
-            if log.lock().unwrap().contains("ERROR") {
-                break;
-            }
-        }
-        // Ranges log one line per port: wait until the log stops growing.
-        thread::sleep(Duration::from_millis(50));
-        Relay { child, log }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The relay's log so far.
-    pub fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Sends a signal.
-    pub fn signal(&self, sig: i32) {
-        unsafe_free_kill(self.pid(), sig);
-    }
-
-    /// Waits for exit, at most `limit`.
-    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return Some(st);
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-
-    /// Open fds of the relay, by what they point at.
-    pub fn fds(&self) -> Fds {
-        fds_of(self.pid())
-    }
-
-    /// (utime + stime) of the relay in clock ticks.
-    pub fn cpu_ticks(&self) -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        let after = stat.rsplit(')').next().unwrap_or("");
-        let f: Vec<&str> = after.split_whitespace().collect();
-        f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
-            + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
-    }
-
-    /// Resident set size in KiB.
-    pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Sends `sig` to `pid` through the kill(1) command (tests stay free of unsafe).
-pub fn unsafe_free_kill(pid: u32, sig: i32) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
-}
-
-/// Counts of a process's open fds.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Fds {
-    pub total: usize,
-    pub sockets: usize,
-    pub pipes: usize,
-}
-
-pub fn fds_of(pid: u32) -> Fds {
-    let mut f = Fds::default();
-    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
-        for e in dir.flatten() {
-            f.total += 1;
-            if let Ok(t) = std::fs::read_link(e.path()) {
-                let t = t.to_string_lossy();
-                if t.starts_with("socket:") {
-                    f.sockets += 1;
-                } else if t.starts_with("pipe:") {
-                    f.pipes += 1;
-                }
-            }
-        }
-    }
-    f
-}
-
-/// Polls `cond` every 20 ms until true or `limit` passes.
+/// Polls `cond` every 10 ms until true or `limit` passes.
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     loop {
@@ -182,73 +40,12 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        thread::sleep(Duration::from_millis(20));
+        thread::sleep(Duration::from_millis(10));
     }
 }
 
-/// A TCP echo server on `addr` (port 0 for any); each connection echoes
-/// until EOF, then shuts its write side. Runs until the process ends.
-pub fn echo_server(addr: &str) -> SocketAddr {
-    let l = TcpListener::bind(addr).expect("bind echo");
-    let local = l.local_addr().unwrap();
-    thread::spawn(move || {
-        for c in l.incoming() {
-            let Ok(mut c) = c else { continue };
-            thread::spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                loop {
-                    match c.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if c.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-                let _ = c.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    local
-}
-
-/// A UDP echo server on `addr`; returns its address.
-pub fn udp_echo(addr: &str) -> SocketAddr {
-    let s = UdpSocket::bind(addr).expect("bind udp echo");
-    let local = s.local_addr().unwrap();
-    thread::spawn(move || {
-        let mut buf = vec![0u8; 65536];
-        while let Ok((n, from)) = s.recv_from(&mut buf) {
-            let _ = s.send_to(&buf[..n], from);
-        }
-    });
-    local
-}
-
-/// Connects with a timeout, retrying briefly while the relay starts.
-pub fn connect(addr: &str) -> TcpStream {
-    let addr: SocketAddr = addr.parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-            Ok(s) => {
-                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-                return s;
-            }
-            Err(e) if Instant::now() > deadline => panic!("connect {addr}: {e}"),
-            Err(_) => thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
-
-/// Runs the binary to completion with `args`; returns (exit code, stderr).
-pub fn run_to_exit(args: &[&str]) -> (i32, String) {
-    let out = Command::new(BIN).args(args).stdin(Stdio::null()).output().expect("run relay");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-/// A deterministic byte pattern, different per `seed`.
+/// `len` pseudo-random bytes, the same for the same `seed` (xorshift64):
+/// the tests' only random source.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
     (0..len)
@@ -259,4 +56,45 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// The last `n` lines of a log.
+pub fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Log lines at WARN or ERROR.
+pub fn warnings(log: &str) -> Vec<&str> {
+    log.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")).collect()
+}
+
+/// Sends `sig` to `pid` with kill(1) (the tests stay free of unsafe).
+pub fn kill(pid: u32, sig: i32) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+/// The real uid of a process, from /proc.
+pub fn uid_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find(|l| l.starts_with("Uid:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Fails the test unless `cmd` is on PATH, naming the install command.
+pub fn require_command(cmd: &str, install: &str) {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path).any(|dir| {
+        std::fs::metadata(dir.join(cmd))
+            .is_ok_and(|m| m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
+    });
+    assert!(found, "this test needs `{cmd}`, which is not on PATH: run `{install}` (scripts/test.sh does, as root)");
+}
+
+/// Fails the test unless it runs as root.
+pub fn require_root() {
+    assert_eq!(
+        uid_of(std::process::id()),
+        Some(0),
+        "this test needs root (it runs the relay as another user or changes a sysctl): run it as root, e.g. scripts/test.sh"
+    );
 }

@@ -2,7 +2,8 @@
 
     gso_client.py FAMILY RELAY_PORT BACKEND_PORT PROXY
 
-FAMILY is 4 or 6 (the client side; the backend is 127.0.0.1). PROXY is 1 if
+FAMILY is 4 or 6 (the client side; the backend is 127.0.0.1, bound with
+SO_REUSEADDR: the test holds BACKEND_PORT for it until then). PROXY is 1 if
 the relay puts a PROXY v2 header on each datagram. Prints "ok" and exits 0
 when every datagram arrived alone, in order, with its exact bytes, both ways.
 """
@@ -16,10 +17,11 @@ af, host = (socket.AF_INET6, "::1") if family == "6" else (socket.AF_INET, "127.
 relay = (host, relay_port)
 
 backend = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+backend.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 backend.bind(("127.0.0.1", backend_port))
-backend.settimeout(5)
+backend.settimeout(15)
 client = socket.socket(af, socket.SOCK_DGRAM)
-client.settimeout(5)
+client.settimeout(15)
 
 
 def datagrams(seed, count, size, tail):
