@@ -76,6 +76,8 @@ pub struct TcpRelay {
     pub pool: PipePool,
     settings: TcpSettings,
     ready: Vec<Key>,
+    /// Bytes per direction each turn may read this iteration.
+    budget: usize,
     /// Listeners left readable after MAX_ACCEPT accepts.
     accept_later: Vec<usize>,
     sources: Sources,
@@ -130,6 +132,7 @@ impl TcpRelay {
             conns: Default::default(),
             pool: PipePool::new(settings.pipe_size, settings.pipe_spare),
             ready: Vec::new(),
+            budget: connection::TURN_MAX,
             accept_later: Vec::new(),
             sources: Sources { max: settings.max_per_source, open: HashMap::new() },
             settings,
@@ -291,6 +294,8 @@ impl TcpRelay {
             self.accept(idx, ctx);
         }
         let ready = std::mem::take(&mut self.ready);
+        // The connections that used up their last turn share this iteration.
+        self.budget = connection::turn_budget(ready.len());
         for key in ready {
             if let Some(conn) = self.conns.get_mut(key) {
                 conn.queued = false;
@@ -321,6 +326,7 @@ impl TcpRelay {
             route: &self.listeners[conn.listener].route,
             sources: &mut self.sources,
             splice: self.settings.splice,
+            budget: self.budget,
             now: ctx.now,
         };
         match conn.drive(&mut env) {
