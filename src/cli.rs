@@ -133,6 +133,10 @@ pub struct Args {
     /// Serve Prometheus metrics over HTTP on ADDR (e.g. 127.0.0.1:9100).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
+    /// Event loops, one thread each: N (1-256) or auto (the CPUs this
+    /// process may run on, which respects taskset and cgroup cpusets).
+    #[arg(long, value_name = "N|auto", default_value = "1", value_parser = parse_threads)]
+    pub threads: usize,
     /// More logging (-v debug, -vv trace).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -175,6 +179,19 @@ pub fn clap_error_line(e: &clap::Error) -> String {
     }
 }
 
+/// Most event loops `--threads` takes.
+const MAX_THREADS: usize = 256;
+
+fn parse_threads(s: &str) -> Result<usize, String> {
+    if s == "auto" {
+        return Ok(std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_THREADS));
+    }
+    match s.parse::<usize>() {
+        Ok(n @ 1..=MAX_THREADS) => Ok(n),
+        _ => Err(format!("{} is not a thread count (1-{MAX_THREADS} or auto)", crate::config::quote(s))),
+    }
+}
+
 fn parse_version(s: &str) -> Result<Version, String> {
     match s {
         "v1" | "1" => Ok(Version::V1),
@@ -198,6 +215,8 @@ pub struct Config {
     pub(crate) event_loop: LoopSettings,
     /// Metrics endpoint.
     pub metrics: Option<SocketAddr>,
+    /// Event loops (threads).
+    pub threads: usize,
     /// Log level from -v/-q (RUST_LOG wins when set).
     pub log_level: log::LevelFilter,
 }
@@ -215,6 +234,7 @@ impl Args {
             udp_max_flows: 4096,
             udp_rcvbuf: 4 << 20,
             proxy_header_timeout: Duration::from_secs(5),
+            threads: 1,
             ..Args::default()
         }
     }
@@ -293,6 +313,7 @@ impl Args {
             },
             event_loop: LoopSettings { drain_timeout: self.drain_timeout, stats_interval: self.stats_interval },
             metrics: self.metrics,
+            threads: self.threads,
             log_level: level,
         })
     }

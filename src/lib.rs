@@ -23,6 +23,7 @@ pub mod logging;
 pub(crate) mod metrics;
 pub mod proxy_protocol;
 pub(crate) mod reactor;
+pub(crate) mod shared;
 pub(crate) mod slab;
 pub(crate) mod stats;
 pub(crate) mod sys;
@@ -35,6 +36,8 @@ use std::os::fd::OwnedFd;
 use cli::Config;
 use config::StartError;
 use event_loop::EventLoop;
+use shared::Shared;
+use std::sync::Arc;
 use tcp::TcpRelay;
 use udp::UdpRelay;
 
@@ -45,61 +48,242 @@ pub(crate) fn unmap(addr: std::net::SocketAddr) -> std::net::SocketAddr {
     std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-/// Raises the open-file limit, binds every listener of `config` (or adopts
-/// `listen_fd`, docker's fd 4, for its single forward), calls `ready` once
-/// all are bound, and relays until SIGINT or SIGTERM (or the drain's end).
+/// One loop's listening sockets, bound before any loop starts.
+#[derive(Default)]
+struct Bound {
+    /// (forward index, socket, registered with EPOLLEXCLUSIVE).
+    tcp: Vec<(usize, OwnedFd, bool)>,
+    /// (forward index, socket).
+    udp: Vec<(usize, OwnedFd)>,
+}
+
+/// Raises the open-file limit, binds every listener of `config` for each of
+/// its `threads` loops (or adopts `listen_fd`, docker's fd 4, for its single
+/// forward), calls `ready` once all are bound and every loop is set up, and
+/// relays until SIGINT or SIGTERM (or the drain's end).
 pub fn run(config: &Config, listen_fd: Option<OwnedFd>, ready: impl FnOnce()) -> Result<(), StartError> {
+    let runtime = |what: &str| {
+        let what = what.to_string();
+        move |e: std::io::Error| StartError::Runtime(format!("{what}: {e}"))
+    };
     if let Err(e) = sys::raise_nofile_limit() {
         log::warn!("cannot raise the open-file limit: {e}");
     }
-    let mut ev = build(config, listen_fd)?;
+    let n = config.threads.max(1);
+    if n > 1 {
+        check_overlaps(config)?;
+    }
+    // Before any thread exists, so every thread inherits the mask.
+    let mask = event_loop::block_signals().map_err(runtime("cannot set up signals"))?;
+    let polls = (0..n)
+        .map(|_| mio::Poll::new())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(runtime("cannot set up the event loop"))?;
+    let wakers = polls
+        .iter()
+        .map(|p| mio::Waker::new(p.registry(), event_loop::waker_token()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(runtime("cannot set up the event loop"))?;
+    let shared =
+        Arc::new(Shared::new(wakers, config.tcp.max_connections, config.tcp.max_per_source, config.udp.max_flows));
+    let mut bound = bind(config, listen_fd, n)?;
+    for f in &config.forwards {
+        log::info!("listening on {} {} -> {}", f.proto, f.listen, f.target);
+    }
+    log::info!("{n} event loop{}", if n == 1 { "" } else { "s, one thread each" });
+    let mut polls = polls.into_iter();
+    let first = polls.next().ok_or_else(|| StartError::Runtime("no event loop".into()))?;
+    let b0 = std::mem::take(&mut bound[0]);
+    let mut ev0 = setup(config, 0, first, b0, shared.clone(), Some(&mask))?;
+    if let Some(addr) = config.metrics {
+        let m = metrics::Metrics::bind(addr, ev0.registry())
+            .map_err(|e| StartError::Runtime(format!("cannot serve metrics on {addr}: {e}")))?;
+        ev0.metrics = Some(m);
+        log::info!("metrics on http://{addr}/metrics");
+    }
+    // The other loops are set up on their own threads (their loops hold
+    // what cannot cross threads), and say whether that worked before `ready`.
+    let (tx, rx) = std::sync::mpsc::channel::<Result<(), StartError>>();
+    let mut workers = Vec::new();
+    for (i, (poll, b)) in polls.zip(bound.into_iter().skip(1)).enumerate() {
+        let me = i + 1;
+        let (shared_t, tx) = (shared.clone(), tx.clone());
+        let cfg = (config.tcp.clone(), config.udp, config.event_loop, config.forwards.clone());
+        let spawned = std::thread::Builder::new().name(format!("relay-{me}")).spawn(move || {
+            let (tcp, udp, settings, forwards) = cfg;
+            let shared = shared_t;
+            let built = setup_parts(me, poll, b, shared.clone(), tcp, udp, settings, &forwards, None);
+            match built {
+                Ok(mut ev) => {
+                    let _ = tx.send(Ok(()));
+                    drop(tx);
+                    ev.run().map_err(|e| StartError::Runtime(format!("event loop {me} failed: {e}")))
+                }
+                Err(e) => {
+                    shared.running.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                    let _ = tx.send(Err(e.clone()));
+                    Err(e)
+                }
+            }
+        });
+        match spawned {
+            Ok(h) => workers.push(h),
+            Err(e) => {
+                shared.stop.store(true, std::sync::atomic::Ordering::Release);
+                shared.wake_others(0);
+                return Err(StartError::Runtime(format!("cannot start a thread: {e}")));
+            }
+        }
+    }
+    drop(tx);
+    let mut setup_error = None;
+    for r in rx.iter().take(n - 1) {
+        if let Err(e) = r {
+            setup_error.get_or_insert(e);
+        }
+    }
+    if let Some(e) = setup_error {
+        shared.stop.store(true, std::sync::atomic::Ordering::Release);
+        shared.wake_others(0);
+        for w in workers {
+            let _ = w.join();
+        }
+        return Err(e);
+    }
     ready();
-    ev.run().map_err(|e| StartError::Runtime(format!("event loop failed: {e}")))
+    let mut result = ev0.run().map_err(|e| StartError::Runtime(format!("event loop failed: {e}")));
+    for w in workers {
+        let r = w.join().unwrap_or_else(|_| Err(StartError::Runtime("an event loop thread panicked".into())));
+        if result.is_ok() {
+            result = r;
+        }
+    }
+    result
 }
 
-/// Binds every listener of `config` (or adopts `listen_fd`, docker's fd 4,
-/// for its single forward) and returns a loop ready to run.
-fn build(config: &Config, listen_fd: Option<OwnedFd>) -> Result<EventLoop, StartError> {
+/// With several loops every listening socket has SO_REUSEPORT, so two
+/// forwards of one protocol on overlapping addresses would both bind and
+/// share their clients: refuse them as the kernel refuses a second bind
+/// with one loop.
+fn check_overlaps(config: &Config) -> Result<(), StartError> {
+    let fw = &config.forwards;
+    for (i, a) in fw.iter().enumerate() {
+        for b in &fw[i + 1..] {
+            let proto = match (a.proto.tcp() && b.proto.tcp(), a.proto.udp() && b.proto.udp()) {
+                (true, _) => "tcp",
+                (_, true) => "udp",
+                _ => continue,
+            };
+            if a.listen.port() == b.listen.port() && overlap(a.listen.ip(), b.listen.ip(), config.ipv6_only) {
+                return Err(StartError::Runtime(format!(
+                    "cannot listen on {proto} {}: Address already in use (by the forward {})",
+                    b.listen,
+                    config::quote(&a.spec)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// True if sockets bound to `a` and `b` (same port) would take the same clients.
+fn overlap(a: std::net::IpAddr, b: std::net::IpAddr, ipv6_only: bool) -> bool {
+    use std::net::IpAddr::{V4, V6};
+    let dual = |ip: std::net::IpAddr| matches!(ip, V6(v6) if v6.is_unspecified() && !ipv6_only);
+    match (a, b) {
+        _ if a == b => true,
+        (V4(x), V4(y)) => x.is_unspecified() || y.is_unspecified(),
+        (V6(x), V6(y)) => x.is_unspecified() || y.is_unspecified(),
+        _ => dual(a) || dual(b),
+    }
+}
+
+/// Binds every forward's listening sockets for each of `n` loops: one socket
+/// per loop with SO_REUSEPORT when `n > 1`. Docker's inherited socket
+/// (`listen_fd`) is shared: a TCP one by every loop, with EPOLLEXCLUSIVE;
+/// a UDP one by loop 0 only.
+fn bind(config: &Config, listen_fd: Option<OwnedFd>, n: usize) -> Result<Vec<Bound>, StartError> {
     let runtime = |what: String| move |e: std::io::Error| StartError::Runtime(format!("{what}: {e}"));
-    let mut ev = EventLoop::new(TcpRelay::new(config.tcp.clone()), UdpRelay::new(config.udp), config.event_loop)
-        .map_err(runtime("cannot set up the event loop".into()))?;
-    let registry = ev.registry().try_clone().map_err(runtime("cannot set up the event loop".into()))?;
+    let mut bound: Vec<Bound> = (0..n).map(|_| Bound::default()).collect();
     let mut listen_fd = listen_fd;
-    for f in &config.forwards {
+    let reuseport = n > 1;
+    for (fi, f) in config.forwards.iter().enumerate() {
         // `[::]` is dual-stack unless --ipv6-only; any other IPv6 address is IPv6-only.
         let v6only = match f.listen.ip() {
             std::net::IpAddr::V6(ip) if ip.is_unspecified() => config.ipv6_only,
             _ => true,
         };
         if f.proto.tcp() {
-            let fd = match listen_fd.take() {
-                Some(fd) => fd,
-                None => sys::tcp_listener(f.listen, v6only, 1024)
-                    .map_err(runtime(format!("cannot listen on tcp {}", f.listen)))?,
-            };
-            let sock = std::net::TcpListener::from(fd);
-            ev.tcp
-                .add_listener(sock, f.target, f.send_proxy, f.accept_proxy, &registry)
-                .map_err(runtime(format!("cannot use tcp listener {}", f.listen)))?;
+            if let Some(fd) = listen_fd.take() {
+                for b in bound.iter_mut().skip(1) {
+                    let dup = fd.try_clone().map_err(runtime(format!("cannot share tcp listener {}", f.listen)))?;
+                    b.tcp.push((fi, dup, true));
+                }
+                bound[0].tcp.push((fi, fd, reuseport));
+            } else {
+                for b in &mut bound {
+                    let fd = sys::tcp_listener(f.listen, v6only, 1024, reuseport)
+                        .map_err(runtime(format!("cannot listen on tcp {}", f.listen)))?;
+                    b.tcp.push((fi, fd, false));
+                }
+            }
         }
         if f.proto.udp() {
-            let fd = match listen_fd.take() {
-                Some(fd) => fd,
-                None => sys::udp_listener(f.listen, v6only)
-                    .map_err(runtime(format!("cannot listen on udp {}", f.listen)))?,
-            };
-            let sock = std::net::UdpSocket::from(fd);
-            ev.udp
-                .add_listener(sock, f.target, f.send_proxy, &registry)
-                .map_err(runtime(format!("cannot use udp socket {}", f.listen)))?;
+            if let Some(fd) = listen_fd.take() {
+                bound[0].udp.push((fi, fd));
+            } else {
+                for b in &mut bound {
+                    let fd = sys::udp_listener(f.listen, v6only, reuseport)
+                        .map_err(runtime(format!("cannot listen on udp {}", f.listen)))?;
+                    b.udp.push((fi, fd));
+                }
+            }
         }
-        log::info!("listening on {} {} -> {}", f.proto, f.listen, f.target);
     }
-    if let Some(addr) = config.metrics {
-        let m =
-            metrics::Metrics::bind(addr, ev.registry()).map_err(runtime(format!("cannot serve metrics on {addr}")))?;
-        ev.metrics = Some(m);
-        log::info!("metrics on http://{addr}/metrics");
+    Ok(bound)
+}
+
+/// Loop `me` with its bound sockets, on the calling thread.
+fn setup(
+    config: &Config,
+    me: usize,
+    poll: mio::Poll,
+    bound: Bound,
+    shared: Arc<Shared>,
+    mask: Option<&nix::sys::signal::SigSet>,
+) -> Result<EventLoop, StartError> {
+    setup_parts(me, poll, bound, shared, config.tcp.clone(), config.udp, config.event_loop, &config.forwards, mask)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn setup_parts(
+    me: usize,
+    poll: mio::Poll,
+    bound: Bound,
+    shared: Arc<Shared>,
+    tcp: tcp::TcpSettings,
+    udp: udp::UdpSettings,
+    settings: event_loop::LoopSettings,
+    forwards: &[config::Forward],
+    mask: Option<&nix::sys::signal::SigSet>,
+) -> Result<EventLoop, StartError> {
+    let runtime = |what: String| move |e: std::io::Error| StartError::Runtime(format!("{what}: {e}"));
+    let tcp = TcpRelay::new(tcp, shared.clone(), me);
+    let udp = UdpRelay::new(udp, shared.clone());
+    let mut ev = EventLoop::new(me, poll, tcp, udp, settings, shared, mask)
+        .map_err(runtime("cannot set up the event loop".into()))?;
+    let registry = ev.registry().try_clone().map_err(runtime("cannot set up the event loop".into()))?;
+    for (fi, fd, exclusive) in bound.tcp {
+        let f = &forwards[fi];
+        ev.tcp
+            .add_listener(std::net::TcpListener::from(fd), f.target, f.send_proxy, f.accept_proxy, &registry, exclusive)
+            .map_err(runtime(format!("cannot use tcp listener {}", f.listen)))?;
+    }
+    for (fi, fd) in bound.udp {
+        let f = &forwards[fi];
+        ev.udp
+            .add_listener(std::net::UdpSocket::from(fd), f.target, f.send_proxy, &registry)
+            .map_err(runtime(format!("cannot use udp socket {}", f.listen)))?;
     }
     Ok(ev)
 }

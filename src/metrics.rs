@@ -7,6 +7,7 @@ mod server;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 
+use crate::shared::Published;
 use crate::tcp::TcpRelay;
 use crate::udp::UdpRelay;
 pub use server::Metrics;
@@ -177,22 +178,64 @@ const PROCESS_STATS: &[Stat<TcpRelay>] = &[
     },
 ];
 
-/// Appends ` key value` for each series of `stats` for listener `i`.
-fn line_fields<R>(out: &mut String, stats: &[Stat<R>], r: &R, i: usize) {
+/// How many series a table has.
+fn series_count<R>(stats: &[Stat<R>]) -> usize {
+    stats.iter().map(|s| s.series.len()).sum()
+}
+
+/// Appends every series of `stats` for listeners `0..n`, series-major.
+fn push_values<R>(out: &mut Vec<u64>, stats: &[Stat<R>], r: &R, n: usize) {
     for s in stats.iter().flat_map(|s| s.series) {
-        let _ = write!(out, " {} {}", s.key, (s.read)(r, i));
+        out.extend((0..n).map(|i| (s.read)(r, i)));
+    }
+}
+
+/// Every statistic's value, in one order (TCP, UDP, process; within each,
+/// series-major, then listener): what a loop publishes, and what
+/// [`add_values`] sums over loops. Every statistic is a sum over loops.
+pub(crate) fn values(tcp: &TcpRelay, udp: &UdpRelay) -> Vec<u64> {
+    let mut v = Vec::new();
+    push_values(&mut v, TCP_STATS, tcp, tcp.listeners.len());
+    push_values(&mut v, UDP_STATS, udp, udp.listeners.len());
+    push_values(&mut v, PROCESS_STATS, tcp, 1);
+    v
+}
+
+/// Adds another loop's `values` into `into` (the loops relay the same forwards).
+pub(crate) fn add_values(into: &mut [u64], other: &[u64]) {
+    if into.len() == other.len() {
+        for (a, b) in into.iter_mut().zip(other) {
+            *a += b;
+        }
+    }
+}
+
+/// The three tables' parts of a values vector.
+fn split<'a>(tcp: &TcpRelay, udp: &UdpRelay, v: &'a [u64]) -> Option<(&'a [u64], &'a [u64], &'a [u64])> {
+    let t = series_count(TCP_STATS) * tcp.listeners.len();
+    let u = series_count(UDP_STATS) * udp.listeners.len();
+    let p = series_count(PROCESS_STATS);
+    (v.len() == t + u + p).then(|| (&v[..t], &v[t..t + u], &v[t + u..]))
+}
+
+/// Appends ` key value` for each series of `stats` for listener `i` of `n`.
+fn line_fields<R>(out: &mut String, stats: &[Stat<R>], v: &[u64], n: usize, i: usize) {
+    for (k, s) in stats.iter().flat_map(|s| s.series).enumerate() {
+        let _ = write!(out, " {} {}", s.key, v[k * n + i]);
     }
 }
 
 /// Appends each statistic of `stats` in the Prometheus text format, one
 /// row per series and listener (`labels[i]` names listener `i`).
-fn page_rows<R>(out: &mut String, stats: &[Stat<R>], r: &R, labels: &[String]) {
+fn page_rows<R>(out: &mut String, stats: &[Stat<R>], v: &[u64], labels: &[String]) {
+    let n = labels.len();
+    let mut k = 0;
     for st in stats {
         let _ =
             writeln!(out, "# HELP splice_relay_{} {}\n# TYPE splice_relay_{} {}", st.name, st.help, st.name, st.kind);
         for (i, base) in labels.iter().enumerate() {
-            for s in st.series {
-                let v = (s.read)(r, i);
+            for (j, s) in st.series.iter().enumerate() {
+                let v = v[(k + j) * n + i];
                 let _ = match (base.is_empty(), s.labels.is_empty()) {
                     (true, true) => writeln!(out, "splice_relay_{} {v}", st.name),
                     (false, false) => writeln!(out, "splice_relay_{}{{{base},{}}} {v}", st.name, s.labels),
@@ -200,36 +243,56 @@ fn page_rows<R>(out: &mut String, stats: &[Stat<R>], r: &R, labels: &[String]) {
                 };
             }
         }
+        k += st.series.len();
     }
 }
 
-/// One log line per forward, and one for the pipes.
-pub fn stats_lines(tcp: &TcpRelay, udp: &UdpRelay) -> Vec<String> {
+/// One log line per forward, one for the pipes, and with several loops one
+/// for each loop's connections; `v` is [`values`], summed over the loops.
+pub(crate) fn stats_lines(tcp: &TcpRelay, udp: &UdpRelay, v: &[u64], threads: &[Published]) -> Vec<String> {
     let mut out = Vec::new();
+    let Some((tv, uv, pv)) = split(tcp, udp, v) else { return out };
+    let (nt, nu) = (tcp.listeners.len(), udp.listeners.len());
     for (i, l) in tcp.listeners.iter().enumerate() {
         let mut line = format!("stats tcp {} -> {}:", l.addr, l.route.target);
-        line_fields(&mut line, TCP_STATS, tcp, i);
+        line_fields(&mut line, TCP_STATS, tv, nt, i);
         out.push(line);
     }
     for (i, l) in udp.listeners.iter().enumerate() {
         let mut line = format!("stats udp {} -> {}:", l.addr, l.target);
-        line_fields(&mut line, UDP_STATS, udp, i);
+        line_fields(&mut line, UDP_STATS, uv, nu, i);
         out.push(line);
     }
     let mut line = String::from("stats pipes");
-    line_fields(&mut line, PROCESS_STATS, tcp, 0);
+    line_fields(&mut line, PROCESS_STATS, pv, 1, 0);
     out.push(line);
+    if threads.len() > 1 {
+        let list = |f: fn(&Published) -> u64| threads.iter().map(|p| f(p).to_string()).collect::<Vec<_>>().join(",");
+        out.push(format!("stats threads open {} accepted {}", list(|p| p.open), list(|p| p.accepted)));
+    }
     out
 }
 
-/// The same statistics in the Prometheus text exposition format.
-pub fn prometheus(tcp: &TcpRelay, udp: &UdpRelay) -> String {
-    let listen = |addr: SocketAddr, target: SocketAddr| format!("listen=\"{addr}\",target=\"{target}\"");
+/// The same statistics in the Prometheus text exposition format, and with
+/// several loops each loop's connections.
+pub(crate) fn prometheus(tcp: &TcpRelay, udp: &UdpRelay, v: &[u64], threads: &[Published]) -> String {
     let mut o = String::new();
+    let Some((tv, uv, pv)) = split(tcp, udp, v) else { return o };
+    let listen = |addr: SocketAddr, target: SocketAddr| format!("listen=\"{addr}\",target=\"{target}\"");
     let tl: Vec<String> = tcp.listeners.iter().map(|l| listen(l.addr, l.route.target)).collect();
-    page_rows(&mut o, TCP_STATS, tcp, &tl);
+    page_rows(&mut o, TCP_STATS, tv, &tl);
     let ul: Vec<String> = udp.listeners.iter().map(|l| listen(l.addr, l.target)).collect();
-    page_rows(&mut o, UDP_STATS, udp, &ul);
-    page_rows(&mut o, PROCESS_STATS, tcp, &[String::new()]);
+    page_rows(&mut o, UDP_STATS, uv, &ul);
+    page_rows(&mut o, PROCESS_STATS, pv, &[String::new()]);
+    if threads.len() > 1 {
+        let mut family = |name: &str, kind: &str, help: &str, f: fn(&Published) -> u64| {
+            let _ = writeln!(o, "# HELP splice_relay_{name} {help}\n# TYPE splice_relay_{name} {kind}");
+            for (i, p) in threads.iter().enumerate() {
+                let _ = writeln!(o, "splice_relay_{name}{{thread=\"{i}\"}} {}", f(p));
+            }
+        };
+        family("thread_tcp_connections_open", "gauge", "TCP connections open now, per loop.", |p| p.open);
+        family("thread_tcp_connections_total", "counter", "TCP connections accepted, per loop.", |p| p.accepted);
+    }
     o
 }

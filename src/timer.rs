@@ -24,6 +24,8 @@ pub enum Timer {
     Drain,
     /// The periodic statistics line is due.
     Stats,
+    /// A loop other than loop 0 publishes its statistics.
+    Publish,
     /// A metrics client's deadline (request head or response); the key's
     /// generation makes it miss a client that took the slot later.
     Metrics(Key),

@@ -419,7 +419,7 @@ fn docker_mode_reports_bad_splice_relay_opts_on_fd_3() {
 }
 
 /// Every option that takes a number, a duration or a size.
-const NUMERIC_OPTIONS: [&str; 12] = [
+const NUMERIC_OPTIONS: [&str; 13] = [
     "--max-connections",
     "--max-connections-per-source",
     "--connect-timeout",
@@ -432,6 +432,7 @@ const NUMERIC_OPTIONS: [&str; 12] = [
     "--udp-rcvbuf",
     "--proxy-header-timeout",
     "--stats-interval",
+    "--threads",
 ];
 
 /// Values a user might pass by mistake, or at the edge of what is allowed.

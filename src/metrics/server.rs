@@ -85,7 +85,7 @@ impl Metrics {
     /// Listens on `addr`.
     pub fn bind(addr: SocketAddr, registry: &Registry) -> io::Result<Metrics> {
         // Like a forward: `[::]` is dual-stack, any other IPv6 address IPv6-only.
-        let fd = crate::sys::tcp_listener(addr, !addr.ip().is_unspecified(), BACKLOG)?;
+        let fd = crate::sys::tcp_listener(addr, !addr.ip().is_unspecified(), BACKLOG, false)?;
         let mut listener = TcpListener::from_std(std::net::TcpListener::from(fd));
         registry.register(&mut listener, fixed_token(Kind::Metrics, 0), Interest::READABLE)?;
         let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map(|(soft, _)| soft);

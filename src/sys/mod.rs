@@ -142,9 +142,14 @@ pub fn set_linger_zero(fd: BorrowedFd<'_>) {
 
 /// A TCP listening socket, non-blocking and close-on-exec.
 /// `v6only` only matters for IPv6 addresses.
-pub fn tcp_listener(addr: SocketAddr, v6only: bool, backlog: i32) -> io::Result<OwnedFd> {
+/// `reuseport`: SO_REUSEPORT, so each event loop binds its own listener on
+/// the same address and the kernel spreads connections among them.
+pub fn tcp_listener(addr: SocketAddr, v6only: bool, backlog: i32, reuseport: bool) -> io::Result<OwnedFd> {
     let fd = socket_for(addr, sock::SockType::Stream)?;
     sock::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if reuseport {
+        sock::setsockopt(&fd, sockopt::ReusePort, &true)?;
+    }
     if addr.is_ipv6() {
         sock::setsockopt(&fd, sockopt::Ipv6V6Only, &v6only)?;
     }
@@ -162,8 +167,15 @@ pub fn tcp_listener(addr: SocketAddr, v6only: bool, backlog: i32) -> io::Result<
 /// any user, bind the same address and receive the clients' datagrams (and
 /// a second forward on the same port would start without an error). UDP has
 /// no TIME_WAIT, so a restart does not need it.
-pub fn udp_listener(addr: SocketAddr, v6only: bool) -> io::Result<OwnedFd> {
+///
+/// `reuseport`: SO_REUSEPORT, one socket per event loop; the kernel keeps a
+/// client's datagrams on one of them (it hashes the addresses and ports).
+/// Only sockets of the same user can join such a group.
+pub fn udp_listener(addr: SocketAddr, v6only: bool, reuseport: bool) -> io::Result<OwnedFd> {
     let fd = socket_for(addr, sock::SockType::Datagram)?;
+    if reuseport {
+        sock::setsockopt(&fd, sockopt::ReusePort, &true)?;
+    }
     if addr.is_ipv6() {
         sock::setsockopt(&fd, sockopt::Ipv6V6Only, &v6only)?;
     }
@@ -276,6 +288,17 @@ pub fn ephemeral_ports() -> (u16, u16) {
         (Some(Ok(lo)), Some(Ok(hi))) if 0 < lo && lo <= hi => (lo, hi),
         _ => (32768, 60999),
     }
+}
+
+/// Adds `fd` to the epoll instance `epfd` for readable edges with
+/// EPOLLEXCLUSIVE, under mio's `token`: when several loops wait on one
+/// listening socket, a new connection wakes one of them, not all.
+pub fn register_exclusive(epfd: RawFd, fd: BorrowedFd<'_>, token: usize) -> io::Result<()> {
+    let mut ev =
+        libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET | libc::EPOLLEXCLUSIVE) as u32, u64: token as u64 };
+    // SAFETY: `epfd` is a live epoll fd (the loop's Poll, borrowed for the
+    // call), `fd` is borrowed, and `ev` is a valid epoll_event on the stack.
+    syscall!(epoll_ctl(epfd, libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev)).map(|_| ())
 }
 
 /// Ignores the real-time signals (SIGRTMIN..=SIGRTMAX), whose default

@@ -23,11 +23,11 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Interest, Registry};
 
-use super::Sources;
 use super::direction::{DirState, Direction, Side};
 use super::pipe_pool::PipePool;
 use crate::proxy_protocol::{self as pp, Transport, Version};
 use crate::reactor::{Kind, token};
+use crate::shared::Sources;
 use crate::slab::Key;
 use crate::sys;
 
@@ -89,7 +89,7 @@ pub(crate) struct Env<'a> {
     /// The listener's forward.
     pub(crate) route: &'a Route,
     /// The per-source limit.
-    pub(crate) sources: &'a mut Sources,
+    pub(crate) sources: &'a Sources,
     /// Copy through user memory instead of splicing.
     pub(crate) splice: bool,
     /// Bytes each direction may read this turn (see [`turn_budget`]).

@@ -10,9 +10,10 @@ pub(crate) mod connection;
 pub(crate) mod direction;
 pub(crate) mod pipe_pool;
 
-use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use mio::net::{TcpListener, TcpStream};
@@ -20,6 +21,7 @@ use mio::{Interest, Registry};
 
 use crate::proxy_protocol::Version;
 use crate::reactor::{Ctx, Kind, fixed_token};
+use crate::shared::Shared;
 use crate::slab::{Key, Slab};
 use crate::stats::TcpStats;
 use crate::timer::Timer;
@@ -80,53 +82,18 @@ pub struct TcpRelay {
     budget: usize,
     /// Listeners left readable after MAX_ACCEPT accepts.
     accept_later: Vec<usize>,
-    sources: Sources,
+    /// Limits over every loop, and this loop's place among them.
+    shared: Arc<Shared>,
+    /// This loop's index.
+    me: usize,
+    /// Connections accepted since start (for the per-loop statistics).
+    pub(crate) accepted: u64,
     blocked: bool,
-}
-
-/// Open connections per client address, for `--max-connections-per-source`;
-/// untouched when no such limit is set.
-pub(crate) struct Sources {
-    max: usize,
-    open: HashMap<IpAddr, u32>,
-}
-
-impl Sources {
-    /// True when a limit is set, so connections are counted.
-    pub(crate) fn counts(&self) -> bool {
-        self.max != 0
-    }
-
-    /// Counts one more connection from `ip`, unless it is at the limit.
-    pub(crate) fn admit(&mut self, ip: IpAddr) -> bool {
-        if self.max == 0 {
-            return true;
-        }
-        let n = self.open.entry(ip).or_default();
-        if *n as usize >= self.max {
-            if *n == 0 {
-                self.open.remove(&ip);
-            }
-            return false;
-        }
-        *n += 1;
-        true
-    }
-
-    /// Counts one connection from `ip` fewer.
-    pub(crate) fn release(&mut self, ip: IpAddr) {
-        if let Some(n) = self.open.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                self.open.remove(&ip);
-            }
-        }
-    }
 }
 
 impl TcpRelay {
     /// An empty relay with these settings.
-    pub fn new(settings: TcpSettings) -> Self {
+    pub(crate) fn new(settings: TcpSettings, shared: Arc<Shared>, me: usize) -> Self {
         TcpRelay {
             listeners: Vec::new(),
             conns: Default::default(),
@@ -134,7 +101,9 @@ impl TcpRelay {
             ready: Vec::new(),
             budget: connection::TURN_MAX,
             accept_later: Vec::new(),
-            sources: Sources { max: settings.max_per_source, open: HashMap::new() },
+            shared,
+            me,
+            accepted: 0,
             settings,
             blocked: false,
         }
@@ -148,6 +117,7 @@ impl TcpRelay {
         send_proxy: Option<Version>,
         accept_proxy: bool,
         registry: &Registry,
+        exclusive: bool,
     ) -> io::Result<()> {
         sock.set_nonblocking(true)?;
         let addr = sock.local_addr()?;
@@ -156,7 +126,14 @@ impl TcpRelay {
         // Urgent bytes stay in band on accepted sockets (ARCHITECTURE.md, "Urgent data").
         crate::sys::set_oob_inline(std::os::fd::AsFd::as_fd(&sock))?;
         let mut sock = TcpListener::from_std(sock);
-        registry.register(&mut sock, fixed_token(Kind::Listener, self.listeners.len()), Interest::READABLE)?;
+        let token = fixed_token(Kind::Listener, self.listeners.len());
+        if exclusive {
+            // One socket waited on by every loop (ARCHITECTURE.md, Threads).
+            use std::os::fd::AsRawFd;
+            crate::sys::register_exclusive(registry.as_raw_fd(), std::os::fd::AsFd::as_fd(&sock), token.0)?;
+        } else {
+            registry.register(&mut sock, token, Interest::READABLE)?;
+        }
         self.listeners.push(Listener {
             sock: Some(sock),
             addr,
@@ -203,25 +180,28 @@ impl TcpRelay {
         }
     }
 
-    fn at_limit(&self) -> bool {
-        self.settings.max_connections != 0 && self.conns.len() >= self.settings.max_connections
-    }
-
     /// Accepts until the backlog is empty, the limit is reached, or fds run
     /// out; after MAX_ACCEPT, the rest waits for the next turn.
     fn accept(&mut self, idx: usize, ctx: &mut Ctx<'_>) {
         for _ in 0..MAX_ACCEPT {
-            if self.at_limit() {
-                // Leave clients in the backlog, as HAProxy does at maxconn.
-                self.blocked = true;
-                return;
-            }
             let l = &mut self.listeners[idx];
             let Some(sock) = l.sock.as_ref() else { return };
             if !l.readable || l.paused {
                 return;
             }
-            match sock.accept() {
+            // A place under --max-connections (over every loop) is taken
+            // before the accept, so the bound is exact.
+            if !self.shared.connections.reserve() {
+                // Leave clients in the backlog, as HAProxy does at maxconn.
+                self.blocked = true;
+                self.shared.blocked[self.me].store(true, Ordering::Release);
+                return;
+            }
+            let accepted = sock.accept();
+            if accepted.is_err() {
+                self.shared.connections.release();
+            }
+            match accepted {
                 Ok((client, peer)) => self.open(idx, client, peer, ctx),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     l.readable = false;
@@ -249,10 +229,12 @@ impl TcpRelay {
         let peer = crate::unmap(peer);
         let l = &mut self.listeners[idx];
         l.stats.total += 1;
+        self.accepted += 1;
         if l.route.accept_proxy && !self.settings.trusted.iter().any(|c| c.contains(peer.ip())) {
             log::debug!("{peer}: not a trusted proxy; refused");
             l.stats.refused += 1;
             crate::sys::set_linger_zero(std::os::fd::AsFd::as_fd(&client));
+            self.shared.release_connection();
             return;
         }
         // The address the client used matters only to a PROXY header.
@@ -268,6 +250,7 @@ impl TcpRelay {
         if let Err(e) = conn.register(ctx.registry, key) {
             log::warn!("{peer}: cannot register the socket: {e}");
             conn.close(&mut self.pool, true);
+            self.shared.release_connection();
             return;
         }
         l.stats.open += 1;
@@ -324,7 +307,7 @@ impl TcpRelay {
             registry: ctx.registry,
             key,
             route: &self.listeners[conn.listener].route,
-            sources: &mut self.sources,
+            sources: &self.shared.sources,
             splice: self.settings.splice,
             budget: self.budget,
             now: ctx.now,
@@ -352,8 +335,9 @@ impl TcpRelay {
         l.stats.bytes_up += up;
         l.stats.bytes_down += down;
         if let Some(ip) = conn.source {
-            self.sources.release(ip);
+            self.shared.sources.release(ip);
         }
+        self.shared.release_connection();
         let (peer, target) = (conn.peer, l.route.target);
         let reset = match end {
             End::Done => {
@@ -365,7 +349,10 @@ impl TcpRelay {
                     Why::BadHeader(e) => log::info!("{peer}: bad PROXY header: {e}; closed"),
                     Why::HeaderTimeout => log::info!("{peer}: no PROXY header in time; closed"),
                     Why::SourceLimit => {
-                        log::debug!("{peer}: {} connections from this address already; refused", self.sources.max);
+                        log::debug!(
+                            "{peer}: {} connections from this address already; refused",
+                            self.shared.sources.max()
+                        );
                         l.stats.refused += 1;
                     }
                     Why::CannotConnect(e) => {
@@ -411,8 +398,9 @@ impl TcpRelay {
 
     /// Resumes accepting if the connection limit had stopped it.
     pub(crate) fn resume_if_blocked(&mut self, ctx: &mut Ctx<'_>) {
-        if self.blocked && !self.at_limit() {
+        if self.blocked && !self.shared.connections.full() {
             self.blocked = false;
+            self.shared.blocked[self.me].store(false, Ordering::Release);
             for idx in 0..self.listeners.len() {
                 self.accept(idx, ctx);
             }

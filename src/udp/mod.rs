@@ -14,12 +14,14 @@ use mio::{Interest, Registry};
 
 use crate::proxy_protocol::{self as pp, Transport, Version};
 use crate::reactor::{Ctx, Kind, fixed_token, token};
+use crate::shared::Shared;
 use crate::slab::{Key, Slab};
 use crate::stats::{DropReason, UdpDirStats, UdpStats};
 use crate::sys::mmsg::{BATCH, Batch, Gso, Out, PktInfo};
 use crate::timer::Timer;
 use crate::unmap;
-use flow_table::{FlowTable, PortHold};
+use flow_table::FlowTable;
+use std::sync::Arc;
 
 /// Settings shared by every UDP forward.
 #[derive(Clone, Copy, Debug)]
@@ -87,7 +89,8 @@ pub struct UdpRelay {
     flows: Slab<Flow>,
     table: FlowTable<FlowKey, Key>,
     /// Ports of closed flow sockets, not given to new flows for a while.
-    held: PortHold,
+    /// The flow bound and the held ports, over every loop.
+    shared: Arc<Shared>,
     batch: Option<Box<Batch>>,
     settings: UdpSettings,
     sweeping: bool,
@@ -99,12 +102,12 @@ pub struct UdpRelay {
 
 impl UdpRelay {
     /// An empty relay.
-    pub fn new(settings: UdpSettings) -> Self {
+    pub(crate) fn new(settings: UdpSettings, shared: Arc<Shared>) -> Self {
         UdpRelay {
             listeners: Vec::new(),
             flows: Slab::default(),
             table: FlowTable::new(settings.max_flows, settings.timeout),
-            held: PortHold::new(PORT_HOLD),
+            shared,
             batch: None,
             settings,
             sweeping: false,
@@ -233,13 +236,12 @@ impl UdpRelay {
                 let flow = match self.table.get(&key, ctx.now) {
                     Some(f) => f,
                     None => {
-                        if self.table.is_full() {
+                        if self.table.is_full() || self.shared.flows.full() {
                             // The flow evicted next may have datagrams waiting in `outs`: send them first.
                             flush(batch, &mut self.flows, &mut self.listeners, idx, queue);
                         }
                         let l = &mut self.listeners[idx];
-                        match open_flow(&mut self.flows, &mut self.table, &mut self.held, idx, l, client, meta.dst, ctx)
-                        {
+                        match open_flow(&mut self.flows, &mut self.table, &self.shared, idx, l, client, meta.dst, ctx) {
                             Some(f) => f,
                             None => {
                                 l.stats.up.add_dropped(DropReason::NoFlow, count);
@@ -357,10 +359,10 @@ impl UdpRelay {
 
     /// Closes idle flows; also the turn for sockets left readable by bounded work.
     pub(crate) fn sweep(&mut self, ctx: &mut Ctx<'_>) {
-        let (flows, held) = (&mut self.flows, &mut self.held);
+        let (flows, shared) = (&mut self.flows, &self.shared);
         self.table.expire(ctx.now, |(_, client, _), key| {
             log::debug!("udp flow {client}: idle; closed");
-            close_flow(flows, held, key, ctx.now);
+            close_flow(flows, shared, key, ctx.now);
         });
         self.sweeping = !self.table.is_empty();
         if self.sweeping {
@@ -424,14 +426,16 @@ fn group_by_flow(pending: &mut [(Key, Out)]) {
 
 /// How long the port of a closed flow socket is kept from new flows: a
 /// backend reply that comes later than this may reach a newer flow.
-const PORT_HOLD: Duration = Duration::from_secs(10);
+pub(crate) const PORT_HOLD: Duration = Duration::from_secs(10);
 /// Random ports tried per flow when the kernel picks a held one.
 const PORT_TRIES: usize = 8;
 
-/// Closes a flow's socket and holds its port back from new flows.
-fn close_flow(flows: &mut Slab<Flow>, held: &mut PortHold, key: Key, now: std::time::Instant) {
+/// Closes a flow's socket, holds its port back from new flows (of every
+/// loop) and frees its place under the flow bound.
+fn close_flow(flows: &mut Slab<Flow>, shared: &Shared, key: Key, now: std::time::Instant) {
     if let Some(f) = flows.remove(key) {
-        held.release(f.port, now);
+        shared.held_ports().release(f.port, now);
+        shared.flows.release();
     }
 }
 
@@ -440,7 +444,8 @@ fn close_flow(flows: &mut Slab<Flow>, held: &mut PortHold, key: Key, now: std::t
 /// socket is closed first (so there are never more flow sockets than the
 /// bound) and random unheld ports of the ephemeral range are tried. After
 /// PORT_TRIES, the kernel's pick is taken whatever it is.
-fn flow_socket(target: SocketAddr, held: &mut PortHold, now: std::time::Instant) -> io::Result<(OwnedFd, u16)> {
+fn flow_socket(target: SocketAddr, shared: &Shared, now: std::time::Instant) -> io::Result<(OwnedFd, u16)> {
+    let mut held = shared.held_ports();
     let fd = crate::sys::udp_connected(target)?;
     let port = crate::sys::local_addr(fd.as_fd())?.port();
     if !held.is_held(port, now) {
@@ -478,7 +483,7 @@ static EPHEMERAL: std::sync::OnceLock<(u16, u16)> = std::sync::OnceLock::new();
 fn open_flow(
     flows: &mut Slab<Flow>,
     table: &mut FlowTable<FlowKey, Key>,
-    held: &mut PortHold,
+    shared: &Shared,
     idx: usize,
     l: &mut UdpListener,
     client: SocketAddr,
@@ -488,12 +493,23 @@ fn open_flow(
     // Close the least recently used flow first: never more than max_flows sockets.
     if let Some((_, old)) = table.make_room() {
         log::debug!("udp flow table full; least recently used flow closed");
-        close_flow(flows, held, old, ctx.now);
+        close_flow(flows, shared, old, ctx.now);
     }
-    let (fd, port) = match flow_socket(l.target, held, ctx.now) {
+    // The bound is over every loop: when the others hold the rest, this
+    // loop gives up its own least recently used flow.
+    if !shared.flows.reserve() {
+        let (_, old) = table.evict_one()?;
+        log::debug!("udp flows at the bound; least recently used flow of this loop closed");
+        close_flow(flows, shared, old, ctx.now);
+        if !shared.flows.reserve() {
+            return None;
+        }
+    }
+    let (fd, port) = match flow_socket(l.target, shared, ctx.now) {
         Ok(s) => s,
         Err(e) => {
             log::warn!("udp {client} -> {}: cannot open a flow: {e}", l.target);
+            shared.flows.release();
             return None;
         }
     };
@@ -504,13 +520,14 @@ fn open_flow(
     let key = flows.vacant_key();
     if let Err(e) = ctx.registry.register(&mut sock, token(Kind::UdpFlow, key), Interest::READABLE) {
         log::warn!("udp {client}: cannot register a flow: {e}");
+        shared.flows.release();
         return None;
     }
     flows.insert(Flow { sock, listener: idx, client, reply_from, gso: l.flow_gso, queued: false, port });
     l.stats.flows_total += 1;
     log::debug!("udp flow {} -> {} -> {} opened", unmap(client), l.addr, l.target);
     if let Some((_, old)) = table.insert((idx, client, reply_from.map(|d| d.ip())), key, ctx.now) {
-        close_flow(flows, held, old, ctx.now);
+        close_flow(flows, shared, old, ctx.now);
     }
     Some(key)
 }
@@ -602,12 +619,14 @@ mod tests {
     #[test]
     fn add_listener_is_the_one_place_pktinfo_is_turned_on() {
         let poll = mio::Poll::new().unwrap();
-        let mut relay =
-            UdpRelay::new(UdpSettings { timeout: Duration::from_secs(90), max_flows: 16, gso: false, rcvbuf: 0 });
+        let waker = mio::Waker::new(poll.registry(), mio::Token(1)).unwrap();
+        let shared = Arc::new(Shared::new(vec![waker], 0, 0, 16));
+        let settings = UdpSettings { timeout: Duration::from_secs(90), max_flows: 16, gso: false, rcvbuf: 0 };
+        let mut relay = UdpRelay::new(settings, shared);
         let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
         for addr in ["127.0.0.1:0", "[::1]:0"] {
             let addr: SocketAddr = addr.parse().unwrap();
-            let fd = crate::sys::udp_listener(addr, true).unwrap();
+            let fd = crate::sys::udp_listener(addr, true, false).unwrap();
             assert!(!pktinfo(fd.as_fd(), addr.is_ipv6()), "{addr}: udp_listener turned PKTINFO on");
             // A socket made elsewhere, like docker's fd 4, gets it from add_listener.
             let sock = std::net::UdpSocket::from(fd);

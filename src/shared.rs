@@ -1,0 +1,226 @@
+//! What the event loops of one process share (ARCHITECTURE.md, "Threads"):
+//! stop and drain requests, the global limits, and each loop's published
+//! statistics. Nothing here is touched per byte or per datagram: the limits
+//! only at accept and close (and only when set), the statistics once a second.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use crate::udp::flow_table::PortHold;
+
+/// A counter with an optional bound: `reserve` takes one unless the bound is
+/// reached, `release` gives one back. Without a bound it counts nothing.
+pub(crate) struct Bounded {
+    max: usize,
+    used: AtomicUsize,
+}
+
+impl Bounded {
+    /// A counter bounded by `max` (0: no bound, nothing counted).
+    pub(crate) fn new(max: usize) -> Self {
+        Bounded { max, used: AtomicUsize::new(0) }
+    }
+
+    /// True when a bound is set.
+    pub(crate) fn is_bounded(&self) -> bool {
+        self.max != 0
+    }
+
+    /// Takes one unit; false when the bound is reached (nothing taken).
+    pub(crate) fn reserve(&self) -> bool {
+        self.max == 0
+            || self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1)).is_ok()
+    }
+
+    /// Gives back a unit taken by `reserve`.
+    pub(crate) fn release(&self) {
+        if self.max != 0 {
+            let _ = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        }
+    }
+
+    /// True when the bound is reached.
+    pub(crate) fn full(&self) -> bool {
+        self.max != 0 && self.used.load(Ordering::Acquire) >= self.max
+    }
+}
+
+/// Open connections per client address, for `--max-connections-per-source`,
+/// over every loop; untouched when no such limit is set.
+pub(crate) struct Sources {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, u32>>,
+}
+
+impl Sources {
+    /// Sources limited to `max` connections each (0: no limit).
+    pub(crate) fn new(max: usize) -> Self {
+        Sources { max, open: Mutex::new(HashMap::new()) }
+    }
+
+    /// The limit (0: none).
+    pub(crate) fn max(&self) -> usize {
+        self.max
+    }
+
+    /// True when a limit is set, so connections are counted.
+    pub(crate) fn counts(&self) -> bool {
+        self.max != 0
+    }
+
+    /// Counts one more connection from `ip`, unless it is at the limit.
+    pub(crate) fn admit(&self, ip: IpAddr) -> bool {
+        if self.max == 0 {
+            return true;
+        }
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_default();
+        if *n as usize >= self.max {
+            if *n == 0 {
+                open.remove(&ip);
+            }
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Counts one connection from `ip` fewer.
+    pub(crate) fn release(&self, ip: IpAddr) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&ip);
+            }
+        }
+    }
+}
+
+/// One loop's statistics as it last published them.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Published {
+    /// Every series value, in the order `metrics::values` writes them.
+    pub(crate) values: Vec<u64>,
+    /// TCP connections open in that loop.
+    pub(crate) open: u64,
+    /// TCP connections that loop accepted since start.
+    pub(crate) accepted: u64,
+}
+
+/// Everything the loops share.
+pub(crate) struct Shared {
+    /// Exit now: reset what is open.
+    pub(crate) stop: AtomicBool,
+    /// Stop accepting and let open connections finish.
+    pub(crate) drain: AtomicBool,
+    /// One waker per loop, to make it look at `stop`, `drain` and its limits.
+    pub(crate) wakers: Vec<mio::Waker>,
+    /// Loops still running.
+    pub(crate) running: AtomicUsize,
+    /// `--max-connections`, over every loop.
+    pub(crate) connections: Bounded,
+    /// Loops waiting for `connections` to fall below its bound.
+    pub(crate) blocked: Vec<AtomicBool>,
+    /// `--max-connections-per-source`, over every loop.
+    pub(crate) sources: Sources,
+    /// `--udp-max-flows`, over every loop.
+    pub(crate) flows: Bounded,
+    /// Each loop's statistics, published once a second and at its end.
+    pub(crate) published: Vec<Mutex<Published>>,
+    /// Local ports of recently closed UDP flow sockets, over every loop.
+    ports: Mutex<PortHold>,
+}
+
+impl Shared {
+    /// Shared state for loops woken by `wakers`.
+    pub(crate) fn new(
+        wakers: Vec<mio::Waker>,
+        max_connections: usize,
+        max_per_source: usize,
+        max_flows: usize,
+    ) -> Self {
+        let n = wakers.len();
+        Shared {
+            stop: AtomicBool::new(false),
+            drain: AtomicBool::new(false),
+            running: AtomicUsize::new(n),
+            connections: Bounded::new(max_connections),
+            blocked: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            sources: Sources::new(max_per_source),
+            flows: Bounded::new(max_flows),
+            published: (0..n).map(|_| Mutex::new(Published::default())).collect(),
+            ports: Mutex::new(PortHold::new(crate::udp::PORT_HOLD)),
+            wakers,
+        }
+    }
+
+    /// The held UDP flow ports (a lock, taken when a flow opens or closes).
+    pub(crate) fn held_ports(&self) -> std::sync::MutexGuard<'_, PortHold> {
+        self.ports.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many loops there are.
+    pub(crate) fn threads(&self) -> usize {
+        self.wakers.len()
+    }
+
+    /// Wakes every loop but `me`.
+    pub(crate) fn wake_others(&self, me: usize) {
+        for (i, w) in self.wakers.iter().enumerate() {
+            if i != me {
+                let _ = w.wake();
+            }
+        }
+    }
+
+    /// A connection closed: wakes a loop waiting on `--max-connections`.
+    pub(crate) fn release_connection(&self) {
+        if !self.connections.is_bounded() {
+            return;
+        }
+        self.connections.release();
+        for (i, b) in self.blocked.iter().enumerate() {
+            if b.load(Ordering::Acquire) {
+                let _ = self.wakers[i].wake();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bound_is_exact_and_no_bound_counts_nothing() {
+        let b = Bounded::new(2);
+        assert!(b.reserve() && b.reserve());
+        assert!(!b.reserve() && b.full());
+        b.release();
+        assert!(!b.full() && b.reserve());
+        let none = Bounded::new(0);
+        for _ in 0..10 {
+            assert!(none.reserve());
+        }
+        assert!(!none.full());
+        none.release();
+        let b = Bounded::new(1);
+        b.release();
+        assert!(b.reserve() && !b.reserve(), "a release below zero must not create room");
+    }
+
+    #[test]
+    fn sources_count_per_address() {
+        let s = Sources::new(1);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        assert!(s.admit(a) && s.admit(b));
+        assert!(!s.admit(a));
+        s.release(a);
+        assert!(s.admit(a));
+        assert!(Sources::new(0).admit(a));
+    }
+}
