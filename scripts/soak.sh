@@ -304,6 +304,10 @@ def udp(stop, rnd, wid):
                     break
                 if d == msg and a == UDP:
                     answered = True
+                elif a != UDP:
+                    # Not from the relay: a stray datagram of another program
+                    # that reached this reused ephemeral port; not a crossing.
+                    continue
                 elif len(d) < 12 or struct.unpack("!III", d[:12])[:2] != (wid, flow):
                     with lock:
                         CORRUPT.append(f"udp {wid}: a datagram of another client: {d[:12].hex()} from {a}")

@@ -542,7 +542,13 @@ fn no_option_value_makes_the_relay_panic() {
                     echo_both_ways(&format!("127.0.0.1:{port}"));
                     kill(relay.id(), 15);
                     if opt == "--drain-timeout" {
-                        // The drain waits for the UDP flow to idle out: a second signal exits at once.
+                        // The drain waits for the UDP flow to idle out: a second signal exits at
+                        // once. It is sent once the first was taken (two pending SIGTERMs are one).
+                        let taken = || {
+                            let log = log.lock().unwrap();
+                            log.contains("no longer accepting") || log.contains("exiting")
+                        };
+                        wait_until(Duration::from_secs(10), taken);
                         kill(relay.id(), 15);
                     }
                     let mut code = None;
