@@ -14,7 +14,7 @@
 # CPU 0. Relay CPU is the cpuacct.usage of a cgroup v1 group holding only the relay's
 # process tree (utime+stime from /proc when no cgroup can be made).
 #
-# Cases (--cases 1,2,3,4,5,6,7 or iperf,wrk,idle,udp,ports,dockeridle,fair):
+# Cases (--cases 1,...,8 or iperf,wrk,idle,udp,ports,dockeridle,fair,threads):
 #   1 iperf    iperf3 TCP bulk, 1 and 8 streams, both directions: Gbit/s, relay CPU s/GB
 #              (and for cases 1, 2 and 4, "system CPU": both cores' busy time per unit, which
 #              shows work a relay pushes onto the load's core; direct is the baseline)
@@ -27,6 +27,8 @@
 #              processes (and one HAProxy): start-up time, total RSS/PSS
 #   6 dockeridle  idle docker-mode processes (what dockerd starts, one per port and
 #              family), 1 alone and 10 side by side: PSS per process
+#   8 threads  cases 1 and 2 with the relay allowed both cores (not pinned; the load stays
+#              on CPU 0): splice-relay --threads 1 and 2, HAProxy splice nbthread 2
 #   7 fair     fairness (examples/fairness.rs): a 100-byte echo every 10 ms through the
 #              relay, on a kept connection and on a new one, beside 1, 2 and 8 two-way bulk
 #              flows through the same relay: probe p50/p99 ms, bulk Gbit/s, relay CPU s/GB;
@@ -48,7 +50,7 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 
 QUICK=0
 PEERS="splice-relay,docker-proxy,haproxy-splice,haproxy,socat,direct,udp-floor"
-CASES="iperf,wrk,idle,udp,ports,dockeridle,fair"
+CASES="iperf,wrk,idle,udp,ports,dockeridle,fair,threads"
 OUT=""
 RELAY_BIN="${SPLICE_RELAY_BIN:-}"
 RELAY_ARGS="" # extra splice-relay options, e.g. "--no-splice"
@@ -64,12 +66,12 @@ while [ $# -gt 0 ]; do
     --relay-args) RELAY_ARGS="$2"; shift ;;
     --no-install) INSTALL=0 ;;
     --haproxy-splice) HAPROXY_SPLICE="$2"; shift ;;
-    -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
-CASES=$(echo "$CASES" | sed 's/\b1\b/iperf/; s/\b2\b/wrk/; s/\b3\b/idle/; s/\b4\b/udp/; s/\b5\b/ports/; s/\b6\b/dockeridle/; s/\b7\b/fair/')
+CASES=$(echo "$CASES" | sed 's/\b1\b/iperf/; s/\b2\b/wrk/; s/\b3\b/idle/; s/\b4\b/udp/; s/\b5\b/ports/; s/\b6\b/dockeridle/; s/\b7\b/fair/; s/\b8\b/threads/')
 has() { [[ ",$1," == *",$2,"* ]]; }
 
 if [ "$QUICK" = 1 ]; then
@@ -204,7 +206,8 @@ fi
 PORT=16000
 next_port() { PORT=$((PORT + 1)); }
 
-record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RAW"; }
+CASE_PREFIX=""  # case 8 runs cases 1 and 2 again under this prefix
+record() { printf '%s\t%s\t%s\t%s\n' "$CASE_PREFIX$1" "$2" "$3" "$4" >>"$RAW"; }
 
 # HAProxy refuses to start when 2 * maxconn + 2 * maxpipes + listeners exceeds the
 # fd limit, and the hard limit may be below 40,000 (it is 20,000 on our machines):
@@ -237,7 +240,7 @@ start_peer() {
       local cfg="$TMPD/haproxy-$l.cfg"
       {
         echo "global"
-        echo "  nbthread 1"
+        echo "  nbthread ${HAPROXY_THREADS:-1}"
         if [ "$peer" = haproxy ]; then haproxy_limits 1 0; echo "  nosplice"; else haproxy_limits 1 1; fi
         echo "defaults"
         echo "  mode tcp"
@@ -643,6 +646,21 @@ case_fair() {
   done
 }
 
+# ---------------------------------------------------------------- case 8: threads
+case_threads() {
+  local saved_ts=("${TS_RELAY[@]}") saved_args=$RELAY_ARGS saved_peers=$PEERS n
+  TS_RELAY=()
+  for n in 1 2; do
+    CASE_PREFIX="$n thr: " RELAY_ARGS="$saved_args --threads $n" HAPROXY_THREADS=$n PEERS=""
+    has "$saved_peers" splice-relay && PEERS=splice-relay
+    if [ "$n" = 2 ] && has "$saved_peers" haproxy-splice; then PEERS="${PEERS:+$PEERS,}haproxy-splice"; fi
+    [ -n "$PEERS" ] || continue
+    case_wrk
+    case_iperf
+  done
+  TS_RELAY=("${saved_ts[@]}") RELAY_ARGS=$saved_args PEERS=$saved_peers CASE_PREFIX="" HAPROXY_THREADS=1
+}
+
 # ---------------------------------------------------------------- main
 START=$(date +%s)
 install_tools
@@ -661,6 +679,7 @@ has "$CASES" udp && case_udp
 has "$CASES" ports && case_ports
 has "$CASES" dockeridle && case_dockeridle
 has "$CASES" fair && case_fair
+has "$CASES" threads && case_threads
 log "done in $(($(date +%s) - START)) s"
 echo
 echo "## splice-relay vs peers ($([ $QUICK = 1 ] && echo "quick, 1 run each" || echo "median of $REPEAT"); relay on CPU $RELAY_CPU, load on CPU $LOAD_CPU)"
