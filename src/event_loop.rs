@@ -269,7 +269,12 @@ fn lock(shared: &Shared, i: usize) -> std::sync::MutexGuard<'_, Published> {
 
 /// This loop's statistics, to publish.
 fn published(tcp: &TcpRelay, udp: &UdpRelay) -> Published {
-    Published { values: crate::metrics::values(tcp, udp), open: tcp.open_connections() as u64, accepted: tcp.accepted }
+    Published {
+        values: crate::metrics::values(tcp, udp),
+        open: tcp.open_connections() as u64,
+        accepted: tcp.accepted,
+        idle_wakeups: tcp.idle_wakeups,
+    }
 }
 
 /// The statistics of every loop summed (loop `me`'s read live), and each
@@ -279,7 +284,12 @@ fn totals(tcp: &TcpRelay, udp: &UdpRelay, shared: &Shared, me: usize) -> (Vec<u6
     let mut threads = Vec::with_capacity(shared.threads());
     for i in 0..shared.threads() {
         if i == me {
-            threads.push(Published { values: Vec::new(), open: tcp.open_connections() as u64, accepted: tcp.accepted });
+            threads.push(Published {
+                values: Vec::new(),
+                open: tcp.open_connections() as u64,
+                accepted: tcp.accepted,
+                idle_wakeups: tcp.idle_wakeups,
+            });
         } else {
             let p = lock(shared, i).clone();
             crate::metrics::add_values(&mut v, &p.values);

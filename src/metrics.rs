@@ -293,6 +293,12 @@ pub(crate) fn prometheus(tcp: &TcpRelay, udp: &UdpRelay, v: &[u64], threads: &[P
         };
         family("thread_tcp_connections_open", "gauge", "TCP connections open now, per loop.", |p| p.open);
         family("thread_tcp_connections_total", "counter", "TCP connections accepted, per loop.", |p| p.accepted);
+        family(
+            "thread_accept_wakeups_idle_total",
+            "counter",
+            "Listener wake-ups that found no connection to accept, per loop (a thundering herd shows here).",
+            |p| p.idle_wakeups,
+        );
     }
     o
 }

@@ -108,6 +108,8 @@ pub(crate) struct Published {
     pub(crate) open: u64,
     /// TCP connections that loop accepted since start.
     pub(crate) accepted: u64,
+    /// Its listener wake-ups that found nothing to accept.
+    pub(crate) idle_wakeups: u64,
 }
 
 /// Everything the loops share.

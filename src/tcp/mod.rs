@@ -88,6 +88,9 @@ pub struct TcpRelay {
     me: usize,
     /// Connections accepted since start (for the per-loop statistics).
     pub(crate) accepted: u64,
+    /// Listener wake-ups that found no connection to accept: with several
+    /// loops on one socket, a thundering herd would show here.
+    pub(crate) idle_wakeups: u64,
     blocked: bool,
 }
 
@@ -104,6 +107,7 @@ impl TcpRelay {
             shared,
             me,
             accepted: 0,
+            idle_wakeups: 0,
             settings,
             blocked: false,
         }
@@ -168,7 +172,11 @@ impl TcpRelay {
     pub(crate) fn listener_event(&mut self, idx: usize, ctx: &mut Ctx<'_>) {
         if let Some(l) = self.listeners.get_mut(idx) {
             l.readable = true;
+            let before = self.accepted;
             self.accept(idx, ctx);
+            if self.accepted == before {
+                self.idle_wakeups += 1;
+            }
         }
     }
 
