@@ -84,8 +84,7 @@ pub fn run(config: &Config, listen_fd: Option<OwnedFd>, ready: impl FnOnce()) ->
         .map(|p| mio::Waker::new(p.registry(), event_loop::waker_token()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(runtime("cannot set up the event loop"))?;
-    let shared =
-        Arc::new(Shared::new(wakers, config.tcp.max_connections, config.tcp.max_per_source, config.udp.max_flows));
+    let shared = Arc::new(Shared::new(wakers, config.tcp.max_connections, config.tcp.max_per_source));
     let mut bound = bind(config, listen_fd, n)?;
     for f in &config.forwards {
         log::info!("listening on {} {} -> {}", f.proto, f.listen, f.target);
@@ -269,6 +268,8 @@ fn setup_parts(
 ) -> Result<EventLoop, StartError> {
     let runtime = |what: String| move |e: std::io::Error| StartError::Runtime(format!("{what}: {e}"));
     let tcp = TcpRelay::new(tcp, shared.clone(), me);
+    let mut udp = udp;
+    udp.max_flows = shared::flow_share(udp.max_flows, shared.threads(), me);
     let udp = UdpRelay::new(udp, shared.clone());
     let mut ev = EventLoop::new(me, poll, tcp, udp, settings, shared, mask)
         .map_err(runtime("cannot set up the event loop".into()))?;

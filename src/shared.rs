@@ -112,6 +112,15 @@ pub(crate) struct Published {
     pub(crate) idle_wakeups: u64,
 }
 
+/// Loop `me`'s share of `--udp-max-flows` among `n` loops: the bound split
+/// as evenly as it goes, at least one flow per loop. Each loop closes its
+/// own least recently used flow when it is at its share, so the flows of
+/// all loops stay within the bound whenever it is at least `n`.
+pub(crate) fn flow_share(max_flows: usize, n: usize, me: usize) -> usize {
+    let n = n.max(1);
+    (max_flows / n + usize::from(me < max_flows % n)).max(1)
+}
+
 /// Everything the loops share.
 pub(crate) struct Shared {
     /// Exit now: reset what is open.
@@ -128,8 +137,6 @@ pub(crate) struct Shared {
     pub(crate) blocked: Vec<AtomicBool>,
     /// `--max-connections-per-source`, over every loop.
     pub(crate) sources: Sources,
-    /// `--udp-max-flows`, over every loop.
-    pub(crate) flows: Bounded,
     /// Each loop's statistics, published once a second and at its end.
     pub(crate) published: Vec<Mutex<Published>>,
     /// Local ports of recently closed UDP flow sockets, over every loop.
@@ -138,12 +145,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Shared state for loops woken by `wakers`.
-    pub(crate) fn new(
-        wakers: Vec<mio::Waker>,
-        max_connections: usize,
-        max_per_source: usize,
-        max_flows: usize,
-    ) -> Self {
+    pub(crate) fn new(wakers: Vec<mio::Waker>, max_connections: usize, max_per_source: usize) -> Self {
         let n = wakers.len();
         Shared {
             stop: AtomicBool::new(false),
@@ -152,7 +154,6 @@ impl Shared {
             connections: Bounded::new(max_connections),
             blocked: (0..n).map(|_| AtomicBool::new(false)).collect(),
             sources: Sources::new(max_per_source),
-            flows: Bounded::new(max_flows),
             published: (0..n).map(|_| Mutex::new(Published::default())).collect(),
             ports: Mutex::new(PortHold::new(crate::udp::PORT_HOLD)),
             wakers,
@@ -212,6 +213,18 @@ mod tests {
         let b = Bounded::new(1);
         b.release();
         assert!(b.reserve() && !b.reserve(), "a release below zero must not create room");
+    }
+
+    #[test]
+    fn flow_shares_add_up_to_the_bound() {
+        for (max, n) in [(4096, 1), (4096, 3), (8, 4), (10, 4), (5, 8), (usize::MAX, 7)] {
+            let shares: Vec<usize> = (0..n).map(|me| flow_share(max, n, me)).collect();
+            assert!(shares.iter().all(|&s| s >= 1));
+            if max >= n {
+                assert_eq!(shares.iter().fold(0usize, |a, &s| a.saturating_add(s)), max, "{max} over {n}");
+            }
+        }
+        assert_eq!(flow_share(4096, 1, 0), 4096);
     }
 
     #[test]

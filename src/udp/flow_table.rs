@@ -59,11 +59,6 @@ impl<K: Hash + Eq + Copy, V: Copy> FlowTable<K, V> {
         self.map.len() >= self.max
     }
 
-    /// Removes and returns the least recently used flow, full or not.
-    pub fn evict_one(&mut self) -> Option<(K, V)> {
-        self.evict()
-    }
-
     /// If the table is full, removes and returns the least recently used flow.
     pub fn make_room(&mut self) -> Option<(K, V)> {
         if self.is_full() { self.evict() } else { None }

@@ -236,7 +236,7 @@ impl UdpRelay {
                 let flow = match self.table.get(&key, ctx.now) {
                     Some(f) => f,
                     None => {
-                        if self.table.is_full() || self.shared.flows.full() {
+                        if self.table.is_full() {
                             // The flow evicted next may have datagrams waiting in `outs`: send them first.
                             flush(batch, &mut self.flows, &mut self.listeners, idx, queue);
                         }
@@ -435,7 +435,6 @@ const PORT_TRIES: usize = 8;
 fn close_flow(flows: &mut Slab<Flow>, shared: &Shared, key: Key, now: std::time::Instant) {
     if let Some(f) = flows.remove(key) {
         shared.held_ports().release(f.port, now);
-        shared.flows.release();
     }
 }
 
@@ -495,21 +494,10 @@ fn open_flow(
         log::debug!("udp flow table full; least recently used flow closed");
         close_flow(flows, shared, old, ctx.now);
     }
-    // The bound is over every loop: when the others hold the rest, this
-    // loop gives up its own least recently used flow.
-    if !shared.flows.reserve() {
-        let (_, old) = table.evict_one()?;
-        log::debug!("udp flows at the bound; least recently used flow of this loop closed");
-        close_flow(flows, shared, old, ctx.now);
-        if !shared.flows.reserve() {
-            return None;
-        }
-    }
     let (fd, port) = match flow_socket(l.target, shared, ctx.now) {
         Ok(s) => s,
         Err(e) => {
             log::warn!("udp {client} -> {}: cannot open a flow: {e}", l.target);
-            shared.flows.release();
             return None;
         }
     };
@@ -520,7 +508,6 @@ fn open_flow(
     let key = flows.vacant_key();
     if let Err(e) = ctx.registry.register(&mut sock, token(Kind::UdpFlow, key), Interest::READABLE) {
         log::warn!("udp {client}: cannot register a flow: {e}");
-        shared.flows.release();
         return None;
     }
     flows.insert(Flow { sock, listener: idx, client, reply_from, gso: l.flow_gso, queued: false, port });
@@ -620,7 +607,7 @@ mod tests {
     fn add_listener_is_the_one_place_pktinfo_is_turned_on() {
         let poll = mio::Poll::new().unwrap();
         let waker = mio::Waker::new(poll.registry(), mio::Token(1)).unwrap();
-        let shared = Arc::new(Shared::new(vec![waker], 0, 0, 16));
+        let shared = Arc::new(Shared::new(vec![waker], 0, 0));
         let settings = UdpSettings { timeout: Duration::from_secs(90), max_flows: 16, gso: false, rcvbuf: 0 };
         let mut relay = UdpRelay::new(settings, shared);
         let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
