@@ -57,6 +57,19 @@ pub fn run(config: &Config, listen_fd: Option<OwnedFd>, ready: impl FnOnce()) ->
     ev.run().map_err(|e| StartError::Runtime(format!("event loop failed: {e}")))
 }
 
+/// Refuses to start a transparent relay that may not set IP_TRANSPARENT:
+/// every connection would fail otherwise.
+fn check_transparent() -> Result<(), StartError> {
+    match sys::transparent_allowed() {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(StartError::Runtime(
+            "--transparent needs CAP_NET_ADMIN (setting IP_TRANSPARENT was refused: run as root or grant the capability)"
+                .into(),
+        )),
+        Err(e) => Err(StartError::Runtime(format!("--transparent: cannot set IP_TRANSPARENT: {e}"))),
+    }
+}
+
 /// Binds every listener of `config` (or adopts `listen_fd`, docker's fd 4,
 /// for its single forward) and returns a loop ready to run.
 fn build(config: &Config, listen_fd: Option<OwnedFd>) -> Result<EventLoop, StartError> {
@@ -64,6 +77,9 @@ fn build(config: &Config, listen_fd: Option<OwnedFd>) -> Result<EventLoop, Start
     let mut ev = EventLoop::new(TcpRelay::new(config.tcp.clone()), UdpRelay::new(config.udp), config.event_loop)
         .map_err(runtime("cannot set up the event loop".into()))?;
     let registry = ev.registry().try_clone().map_err(runtime("cannot set up the event loop".into()))?;
+    if config.forwards.iter().any(|f| f.transparent.is_some()) {
+        check_transparent()?;
+    }
     let mut listen_fd = listen_fd;
     for f in &config.forwards {
         // `[::]` is dual-stack unless --ipv6-only; any other IPv6 address is IPv6-only.

@@ -119,6 +119,27 @@ pub fn tcp_connect(addr: SocketAddr) -> io::Result<OwnedFd> {
     }
 }
 
+/// Sets IP_TRANSPARENT (IPv4) or IPV6_TRANSPARENT (IPv6): the socket may
+/// bind an address that is not the host's, such as a client's
+/// (ARCHITECTURE.md, "Transparent"). Needs CAP_NET_ADMIN (EPERM without).
+pub fn set_transparent(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<()> {
+    if !ipv6 {
+        return sock::setsockopt(&fd, sockopt::IpTransparent, &true).map_err(io::Error::from);
+    }
+    let on: libc::c_int = 1;
+    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    let ptr = (&on as *const libc::c_int).cast::<libc::c_void>();
+    // SAFETY: `fd` is borrowed for the call; `ptr` points to a live c_int of `len` bytes.
+    syscall!(setsockopt(fd.as_raw_fd(), libc::SOL_IPV6, libc::IPV6_TRANSPARENT, ptr, len)).map(|_| ())
+}
+
+/// Checks at start that this process may set IP_TRANSPARENT, on a socket
+/// made for the check and closed at once.
+pub fn transparent_allowed() -> io::Result<()> {
+    let fd = socket_for(SocketAddr::from(([0, 0, 0, 0], 0)), sock::SockType::Stream)?;
+    set_transparent(fd.as_fd(), false)
+}
+
 /// Reads at most one byte from a socket without blocking: the step past an
 /// urgent mark, where splice stops and answers 0 although the stream goes on.
 /// `Ok(None)` is end of stream.
