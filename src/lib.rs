@@ -28,6 +28,7 @@ pub(crate) mod stats;
 pub(crate) mod sys;
 pub(crate) mod tcp;
 pub(crate) mod timer;
+pub(crate) mod transparent;
 pub(crate) mod udp;
 
 use std::os::fd::OwnedFd;
@@ -95,7 +96,7 @@ fn build(config: &Config, listen_fd: Option<OwnedFd>) -> Result<EventLoop, Start
             };
             let sock = std::net::TcpListener::from(fd);
             ev.tcp
-                .add_listener(sock, f.target, f.send_proxy, f.accept_proxy, &registry)
+                .add_listener(sock, f.target, f.send_proxy, f.accept_proxy, f.transparent, &registry)
                 .map_err(runtime(format!("cannot use tcp listener {}", f.listen)))?;
         }
         if f.proto.udp() {
@@ -106,7 +107,7 @@ fn build(config: &Config, listen_fd: Option<OwnedFd>) -> Result<EventLoop, Start
             };
             let sock = std::net::UdpSocket::from(fd);
             ev.udp
-                .add_listener(sock, f.target, f.send_proxy, &registry)
+                .add_listener(sock, f.target, f.send_proxy, f.transparent, &registry)
                 .map_err(runtime(format!("cannot use udp socket {}", f.listen)))?;
         }
         log::info!("listening on {} {} -> {}", f.proto, f.listen, f.target);

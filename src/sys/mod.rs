@@ -108,10 +108,16 @@ pub fn set_oob_inline(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// A TCP socket connecting to `addr` without blocking, with SO_OOBINLINE
 /// and TCP_NODELAY set before the connect. `Ok` while the connect is in
 /// progress; its outcome comes as the first writable (or error) edge.
-pub fn tcp_connect(addr: SocketAddr) -> io::Result<OwnedFd> {
+/// With `from`, the socket gets IP_TRANSPARENT (or IPV6_TRANSPARENT) and
+/// binds `from`, a client's address, first: one setsockopt and one bind.
+pub fn tcp_connect(addr: SocketAddr, from: Option<SocketAddr>) -> io::Result<OwnedFd> {
     let fd = socket_for(addr, sock::SockType::Stream)?;
     set_oob_inline(fd.as_fd())?;
     set_nodelay(fd.as_fd())?;
+    if let Some(from) = from {
+        set_transparent(fd.as_fd(), from.is_ipv6())?;
+        bind(&fd, from)?;
+    }
     let storage = sock::SockaddrStorage::from(addr);
     match sock::connect(fd.as_raw_fd(), &storage) {
         Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => Ok(fd),
@@ -232,6 +238,18 @@ pub fn udp_connected_from(peer: SocketAddr, port: u16) -> io::Result<OwnedFd> {
         };
         bind(&fd, SocketAddr::new(any, port))?;
     }
+    let storage = sock::SockaddrStorage::from(peer);
+    retry(|| sock::connect(fd.as_raw_fd(), &storage).map_err(io::Error::from))?;
+    Ok(fd)
+}
+
+/// A UDP socket with IP_TRANSPARENT (or IPV6_TRANSPARENT), bound to `from`,
+/// a client's address and port, and connected to `peer`: one client's
+/// transparent flow (ARCHITECTURE.md, "Transparent").
+pub fn udp_connected_transparent(peer: SocketAddr, from: SocketAddr) -> io::Result<OwnedFd> {
+    let fd = socket_for(peer, sock::SockType::Datagram)?;
+    set_transparent(fd.as_fd(), from.is_ipv6())?;
+    bind(&fd, from)?;
     let storage = sock::SockaddrStorage::from(peer);
     retry(|| sock::connect(fd.as_raw_fd(), &storage).map_err(io::Error::from))?;
     Ok(fd)

@@ -63,6 +63,8 @@ pub struct Listener {
     paused: bool,
     /// Accepted sockets come with TCP_NODELAY already set.
     nodelay_inherited: bool,
+    /// A transparent connect across address families was logged already.
+    fallback_logged: bool,
     /// Counters for this listener.
     pub stats: TcpStats,
 }
@@ -147,6 +149,7 @@ impl TcpRelay {
         target: SocketAddr,
         send_proxy: Option<Version>,
         accept_proxy: bool,
+        transparent: Option<crate::config::Transparent>,
         registry: &Registry,
     ) -> io::Result<()> {
         sock.set_nonblocking(true)?;
@@ -160,10 +163,11 @@ impl TcpRelay {
         self.listeners.push(Listener {
             sock: Some(sock),
             addr,
-            route: Route { target, send_proxy, accept_proxy },
+            route: Route { target, send_proxy, accept_proxy, transparent },
             readable: true,
             paused: false,
             nodelay_inherited,
+            fallback_logged: false,
             stats: TcpStats::default(),
         });
         Ok(())
@@ -319,12 +323,15 @@ impl TcpRelay {
     /// the turn's budget allow.
     fn advance(&mut self, key: Key, ctx: &mut Ctx<'_>) {
         let Some(conn) = self.conns.get_mut(key) else { return };
+        let l = &mut self.listeners[conn.listener];
         let mut env = Env {
             pool: &mut self.pool,
             registry: ctx.registry,
             key,
-            route: &self.listeners[conn.listener].route,
+            route: &l.route,
             sources: &mut self.sources,
+            stats: &mut l.stats,
+            fallback_logged: &mut l.fallback_logged,
             splice: self.settings.splice,
             budget: self.budget,
             now: ctx.now,
@@ -379,6 +386,13 @@ impl TcpRelay {
                     }
                     Why::Unreachable(e) => {
                         log::warn!("{peer} -> {target}: backend unreachable: {e}");
+                        l.stats.failed += 1;
+                    }
+                    Why::ConnectTimeout if conn.spoofed => {
+                        log::warn!(
+                            "{peer} -> {target}: transparent connect timed out (are the backend's replies routed \
+                             to the relay? see scripts/transparent-routing.sh)"
+                        );
                         l.stats.failed += 1;
                     }
                     Why::ConnectTimeout => {
