@@ -67,8 +67,9 @@ else
   exit 1
 fi
 
-# The rule `ip rule show` prints for ours, as a pattern.
-has_rule() { ip "$1" rule show | grep -qE "fwmark $mark/$mark lookup $table( |\$)"; }
+# Whether `ip rule show` lists ours. grep reads it all (no -q): with
+# pipefail, an early exit would fail `ip` with SIGPIPE and so the test.
+has_rule() { ip "$1" rule show | grep -E "fwmark $mark/$mark lookup $table( |\$)" >/dev/null; }
 
 up() {
   for v in -4 -6; do

@@ -397,3 +397,43 @@ fn without_the_return_route_a_connect_fails_in_connect_timeout_and_up_then_down_
     net.routing("down");
     assert_eq!(net.relay_routing_state(), before, "a second `down` changes nothing");
 }
+
+#[test]
+fn a_loopback_client_is_not_spoofed_and_not_counted_as_a_fallback() {
+    let net = Net::new();
+    net.routing("up");
+    let peers = net.tcp_backend();
+    let r = net.relay(|p| argv(["--transparent", &format!("127.0.0.1:{}={BACKEND4}:{BACKEND_PORT}", p.pick())]));
+    let to = addr("127.0.0.1", r.port());
+    let c = net.within(&net.relay, move || TcpStream::connect_timeout(&to, PATIENCE)).unwrap();
+    echo_checked(c, 3, 64 << 10);
+    assert_eq!(peers.recv_timeout(PATIENCE).unwrap().ip(), RELAY_B4.parse::<IpAddr>().unwrap());
+    r.signal(SIGUSR1);
+    r.expect_log("failed 0 transparent 0 transparent_fallbacks 0 ");
+    assert!(!r.log().contains("across address families"), "{}", r.log());
+}
+
+#[test]
+fn a_backend_reset_reaches_the_client_as_a_reset() {
+    let net = Net::new();
+    net.routing("up");
+    let l = net.within(&net.backend, || TcpListener::bind((BACKEND4, BACKEND_PORT)).unwrap());
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let Ok((mut s, peer)) = l.accept() else { return };
+        let mut buf = [0u8; 5];
+        let _ = s.read_exact(&mut buf);
+        let _ = tx.send(peer.ip());
+        // SO_LINGER {1, 0}: the close sends a reset.
+        let linger = nix::libc::linger { l_onoff: 1, l_linger: 0 };
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &linger).unwrap();
+    });
+    let r = net.relay(|p| argv(["--transparent", &format!("{RELAY4}:{}={BACKEND4}:{BACKEND_PORT}", p.pick())]));
+    let mut c = net.tcp_client(addr(RELAY4, r.port())).unwrap();
+    c.set_read_timeout(Some(PATIENCE)).unwrap();
+    c.write_all(b"hello").unwrap();
+    assert_eq!(rx.recv_timeout(PATIENCE).unwrap(), CLIENT4.parse::<IpAddr>().unwrap());
+    let mut buf = [0u8; 16];
+    let end = c.read(&mut buf);
+    assert_eq!(end.as_ref().map_err(|e| e.kind()), Err(io::ErrorKind::ConnectionReset), "{end:?}\n{}", r.log());
+}
