@@ -437,3 +437,48 @@ fn a_backend_reset_reaches_the_client_as_a_reset() {
     let end = c.read(&mut buf);
     assert_eq!(end.as_ref().map_err(|e| e.kind()), Err(io::ErrorKind::ConnectionReset), "{end:?}\n{}", r.log());
 }
+
+#[test]
+fn a_udp_ipv6_client_of_an_ipv4_backend_falls_back_counted_on_the_line_and_the_page() {
+    let net = Net::new();
+    net.routing("up");
+    let backend = net.within(&net.backend, || UdpSocket::bind((BACKEND4, BACKEND_PORT)).expect("backend bind"));
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = backend.recv_from(&mut buf) {
+            if tx.send(from).is_err() {
+                return;
+            }
+            let _ = backend.send_to(&buf[..n], from);
+        }
+    });
+    let r = net.relay(|p| {
+        vec![
+            "--metrics".into(),
+            format!("127.0.0.1:{}", p.pick()),
+            format!("udp:[{RELAY6}]:{}={BACKEND4}:{BACKEND_PORT},transparent", p.pick()),
+        ]
+    });
+    let (mport, port) = (r.ports[0], r.ports[1]);
+    let to = addr(RELAY6, port);
+    for i in 0..2u64 {
+        // Two clients (two flows), one fallback line.
+        let s = net.within(&net.client, || UdpSocket::bind((CLIENT6, 0)).unwrap());
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        round_trip(&s, to, &pattern(i, 300)).unwrap_or_else(|| panic!("no echo through {to}\n{}", r.log()));
+    }
+    for from in rx.try_iter() {
+        assert_eq!(from.ip(), RELAY_B4.parse::<IpAddr>().unwrap(), "the relay's own address");
+    }
+    r.signal(SIGUSR1);
+    r.expect_log(&format!(
+        "stats udp [{RELAY6}]:{port} -> {BACKEND4}:{BACKEND_PORT}: flows 2 flows_total 2 transparent_flows 0 transparent_fallbacks 2 "
+    ));
+    let log = r.log();
+    assert_eq!(log.matches("no transparent flow across address families").count(), 1, "{log}");
+    let page = net.within(&net.relay, move || http_get(mport, "/metrics"));
+    let labels = format!("{{listen=\"[{RELAY6}]:{port}\",target=\"{BACKEND4}:{BACKEND_PORT}\"}}");
+    assert!(page.contains(&format!("splice_relay_udp_transparent_fallbacks_total{labels} 2\n")), "{page}");
+    assert!(page.contains(&format!("splice_relay_udp_transparent_flows_total{labels} 0\n")), "{page}");
+}
