@@ -14,7 +14,7 @@
 # CPU 0. Relay CPU is the cpuacct.usage of a cgroup v1 group holding only the relay's
 # process tree (utime+stime from /proc when no cgroup can be made).
 #
-# Cases (--cases 1,...,8 or iperf,wrk,idle,udp,ports,dockeridle,fair,threads):
+# Cases (--cases 1,...,9 or iperf,wrk,idle,udp,ports,dockeridle,fair,threads,transparent):
 #   1 iperf    iperf3 TCP bulk, 1 and 8 streams, both directions: Gbit/s, relay CPU s/GB
 #              (and for cases 1, 2 and 4, "system CPU": both cores' busy time per unit, which
 #              shows work a relay pushes onto the load's core; direct is the baseline)
@@ -27,12 +27,17 @@
 #              processes (and one HAProxy): start-up time, total RSS/PSS
 #   6 dockeridle  idle docker-mode processes (what dockerd starts, one per port and
 #              family), 1 alone and 10 side by side: PSS per process
-#   8 threads  cases 1 and 2 with the relay allowed both cores (not pinned; the load stays
-#              on CPU 0): splice-relay --threads 1 and 2, HAProxy splice nbthread 2
 #   7 fair     fairness (examples/fairness.rs): a 100-byte echo every 10 ms through the
 #              relay, on a kept connection and on a new one, beside 1, 2 and 8 two-way bulk
 #              flows through the same relay: probe p50/p99 ms, bulk Gbit/s, relay CPU s/GB;
 #              and the same echo straight to the backend (what the load alone costs)
+#   8 threads  cases 1 and 2 with the relay allowed both cores (not pinned; the load stays
+#              on CPU 0): splice-relay --threads 1 and 2, HAProxy splice nbthread 2
+#   9 transparent  (not in the default list; root, ip and nft) splice-relay alone, without
+#              and with --transparent, in network namespaces of its own: client -> relay ->
+#              backend (the backend's default route is the relay; return path by
+#              scripts/transparent-routing.sh): iperf3 -P1 relay CPU s/GB, and wrk
+#              Connection: close to nginx, relay CPU ms per 1000 connections
 # Each measurement is repeated 3 times (median shown); --quick: once, shorter runs,
 # under 5 minutes. Raw results (TSV: case, peer, metric, value) go to a file whose
 # path is printed; the summary is one markdown table with ratios vs each peer.
@@ -66,12 +71,12 @@ while [ $# -gt 0 ]; do
     --relay-args) RELAY_ARGS="$2"; shift ;;
     --no-install) INSTALL=0 ;;
     --haproxy-splice) HAPROXY_SPLICE="$2"; shift ;;
-    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,48p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
-CASES=$(echo "$CASES" | sed 's/\b1\b/iperf/; s/\b2\b/wrk/; s/\b3\b/idle/; s/\b4\b/udp/; s/\b5\b/ports/; s/\b6\b/dockeridle/; s/\b7\b/fair/; s/\b8\b/threads/')
+CASES=$(echo "$CASES" | sed 's/\b1\b/iperf/; s/\b2\b/wrk/; s/\b3\b/idle/; s/\b4\b/udp/; s/\b5\b/ports/; s/\b6\b/dockeridle/; s/\b7\b/fair/; s/\b8\b/threads/; s/\b9\b/transparent/')
 has() { [[ ",$1," == *",$2,"* ]]; }
 
 if [ "$QUICK" = 1 ]; then
@@ -189,6 +194,7 @@ cleanup() {
   set +e
   trap - EXIT INT TERM
   kill_pids "${PIDS[@]}"
+  ns_delete
   if [ -n "${MANY_PIDFILE:-}" ] && [ -f "$MANY_PIDFILE" ]; then mapfile -t mp <"$MANY_PIDFILE"; kill_pids "${mp[@]}"; fi
   if [ -n "$CGROOT" ] && [ -d "$CGROOT" ]; then
     for d in "$CGROOT"/*/; do [ -d "$d" ] && rmdir "$d" 2>/dev/null; done
@@ -369,7 +375,8 @@ case_iperf() {
 
 # ---------------------------------------------------------------- case 2: wrk -> nginx
 NGINX_PID=""
-start_nginx() { # port
+start_nginx() { # port [address [command prefix, e.g. ip netns exec NS]]
+  local addr=${2:-127.0.0.1} prefix=("${@:3}")
   mkdir -p "$TMPD/www" "$TMPD/nginx-tmp"
   head -c 100 /dev/zero | tr '\0' 'x' >"$TMPD/www/small.html"
   chmod -R a+rX "$TMPD/www"
@@ -391,14 +398,14 @@ http {
   uwsgi_temp_path $TMPD/nginx-tmp/uwsgi;
   scgi_temp_path $TMPD/nginx-tmp/scgi;
   server {
-    listen 127.0.0.1:$1;
+    listen $addr:$1;
     root $TMPD/www;
   }
 }
 EOF
-  "${TS_LOAD[@]}" nginx -c "$TMPD/nginx.conf" -p "$TMPD" >>"$TMPD/nginx.log" 2>&1 &
+  "${prefix[@]}" "${TS_LOAD[@]}" nginx -c "$TMPD/nginx.conf" -p "$TMPD" >>"$TMPD/nginx.log" 2>&1 &
   NGINX_PID=$!; PIDS+=("$NGINX_PID")
-  python3 "$HELPER" waitlisten tcp "$1" 10 >/dev/null
+  "${prefix[@]}" python3 "$HELPER" waitlisten tcp "$1" 10 >/dev/null
 }
 case_wrk() {
   local peer l t
@@ -661,6 +668,101 @@ case_threads() {
   TS_RELAY=("${saved_ts[@]}") RELAY_ARGS=$saved_args PEERS=$saved_peers CASE_PREFIX="" HAPROXY_THREADS=1
 }
 
+# ---------------------------------------------------------------- case 9: transparent
+# Three namespaces named after this script's pid, deleted on exit (ns_delete, from
+# cleanup): client 10.231.1.2 -- 10.231.1.1 relay 10.231.2.1 -- 10.231.2.2 backend.
+NS_C="" NS_R="" NS_B=""
+ns_delete() {
+  local ns
+  for ns in $NS_C $NS_R $NS_B; do ip netns del "$ns" 2>/dev/null; done
+  NS_C="" NS_R="" NS_B=""
+}
+ns_create() {
+  local tag="bp$$"
+  NS_C="${tag}c" NS_R="${tag}r" NS_B="${tag}b"
+  local ns
+  for ns in $NS_C $NS_R $NS_B; do ip netns add "$ns" && ip -n "$ns" link set lo up || return 1; done
+  ip link add "${tag}c" netns "$NS_C" type veth peer name "${tag}rc" netns "$NS_R" &&
+    ip link add "${tag}b" netns "$NS_B" type veth peer name "${tag}rb" netns "$NS_R" &&
+    ip -n "$NS_C" addr add 10.231.1.2/24 dev "${tag}c" && ip -n "$NS_C" link set "${tag}c" up &&
+    ip -n "$NS_R" addr add 10.231.1.1/24 dev "${tag}rc" && ip -n "$NS_R" link set "${tag}rc" up &&
+    ip -n "$NS_R" addr add 10.231.2.1/24 dev "${tag}rb" && ip -n "$NS_R" link set "${tag}rb" up &&
+    ip -n "$NS_B" addr add 10.231.2.2/24 dev "${tag}b" && ip -n "$NS_B" link set "${tag}b" up &&
+    ip -n "$NS_C" route add default via 10.231.1.1 && ip -n "$NS_B" route add default via 10.231.2.1 &&
+    ip netns exec "$NS_R" "$ROOT/scripts/transparent-routing.sh" up "${tag}rb"
+}
+# start_ns_relay LPORT TPORT [OPTION...]: splice-relay in the relay namespace, pinned to
+# RELAY_CPU, in its own cgroup, relaying 10.231.1.1:LPORT -> 10.231.2.2:TPORT.
+start_ns_relay() {
+  local l=$1 t=$2 wrap=()
+  shift 2
+  PEER_PID="" CG=""
+  CGN=$((CGN + 1))
+  if [ -n "$CGROOT" ]; then
+    CG="$CGROOT/$CGN-transparent"
+    mkdir -p "$CG"
+    wrap=(sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$CG")
+  fi
+  "${wrap[@]}" ip netns exec "$NS_R" "${TS_RELAY[@]}" "$RELAY_BIN" -q "$@" "10.231.1.1:$l=10.231.2.2:$t" \
+    </dev/null >>"$TMPD/peer-transparent.log" 2>&1 3>&- &
+  PEER_PID=$!
+  PIDS+=("$PEER_PID")
+  ip netns exec "$NS_R" python3 "$HELPER" waitlisten tcp "$l" 10 >/dev/null 2>>"$TMPD/peer-transparent.log" ||
+    { log "splice-relay did not listen in $NS_R (see $TMPD/peer-transparent.log)"; stop_peer; return 1; }
+}
+case_transparent() {
+  if [ "$(id -u)" != 0 ] || ! command -v ip >/dev/null || ! command -v nft >/dev/null; then
+    log "transparent: needs root, ip (iproute2) and nft (nftables); not run"
+    record "transparent" splice-relay "relay CPU s/GB" "not run (root, ip, nft)"
+    return 0
+  fi
+  ns_create || { log "transparent: cannot set up the namespaces"; ns_delete; return 1; }
+  local ti tw srv mode
+  next_port; ti=$PORT
+  next_port; tw=$PORT
+  ip netns exec "$NS_B" "${TS_LOAD[@]}" iperf3 -s -B 10.231.2.2 -p "$ti" --idle-timeout 120 >"$TMPD/iperf3-ns.log" 2>&1 &
+  srv=$!; PIDS+=("$srv")
+  ip netns exec "$NS_B" python3 "$HELPER" waitlisten tcp "$ti" 10 >/dev/null
+  start_nginx "$tw" 10.231.2.2 ip netns exec "$NS_B" || { log "nginx did not start in $NS_B"; return 1; }
+  for mode in off on; do
+    local peer="splice-relay" li lw args=()
+    [ $mode = on ] && { peer="splice-relay --transparent"; args=(--transparent); }
+    next_port; li=$PORT
+    start_ns_relay "$li" "$ti" "${args[@]}" || { record "transparent iperf3 -P1" "$peer" "Gbit/s" "fails"; continue; }
+    for _ in $(seq "$REPEAT"); do
+      local c0 c1 out="$TMPD/iperf-ns.json" name="transparent iperf3 -P1"
+      c0=$(relay_cpu)
+      timeout $((IPERF_SECS + 30)) ip netns exec "$NS_C" "${TS_LOAD[@]}" iperf3 -c 10.231.1.1 -p "$li" \
+        -t "$IPERF_SECS" -P 1 -J --connect-timeout 5000 >"$out" 2>>"$TMPD/iperf-client.log" || true
+      c1=$(relay_cpu)
+      read -r gbps bytes < <(python3 "$HELPER" iperf "$out" 2>/dev/null || echo "0 0")
+      if [ "${bytes:-0}" = 0 ]; then record "$name" "$peer" "Gbit/s" "fails"; log "$name $peer: failed"; continue; fi
+      record "$name" "$peer" "Gbit/s" "$gbps"
+      record "$name" "$peer" "relay CPU s/GB" "$(fcalc "($c1 - $c0) / ($bytes / 1e9)")"
+      log "$name $peer: $gbps Gbit/s, relay CPU $(fsub "$c1" "$c0") s"
+    done
+    stop_peer
+    next_port; lw=$PORT
+    start_ns_relay "$lw" "$tw" "${args[@]}" || { record "transparent wrk close" "$peer" "conn/s" "fails"; continue; }
+    for _ in $(seq "$REPEAT"); do
+      local c0 c1 out="$TMPD/wrk-ns.txt" name="transparent wrk Connection: close"
+      c0=$(relay_cpu)
+      timeout $((WRK_SECS + 30)) ip netns exec "$NS_C" "${TS_LOAD[@]}" wrk -t1 -c50 -d"${WRK_SECS}s" --timeout 5s \
+        --latency -H 'Connection: close' "http://10.231.1.1:$lw/small.html" >"$out" 2>&1 || true
+      c1=$(relay_cpu)
+      read -r rps reqs p50 p99 errs < <(python3 "$HELPER" wrk "$out")
+      if [ "${reqs:-0}" = 0 ]; then record "$name" "$peer" "conn/s" "fails"; log "$name $peer: failed"; continue; fi
+      record "$name" "$peer" "conn/s" "$rps"
+      record "$name" "$peer" "relay CPU ms/1000 conn" "$(fcalc "($c1 - $c0) * 1000 / ($reqs / 1000)")"
+      record "$name" "$peer" "errors" "$errs"
+      log "$name $peer: $rps/s p99 ${p99}ms errors $errs relay CPU $(fsub "$c1" "$c0") s"
+    done
+    stop_peer
+  done
+  kill_pids "$srv" "$NGINX_PID"
+  ns_delete
+}
+
 # ---------------------------------------------------------------- main
 START=$(date +%s)
 install_tools
@@ -680,6 +782,7 @@ has "$CASES" ports && case_ports
 has "$CASES" dockeridle && case_dockeridle
 has "$CASES" fair && case_fair
 has "$CASES" threads && case_threads
+has "$CASES" transparent && case_transparent
 log "done in $(($(date +%s) - START)) s"
 echo
 echo "## splice-relay vs peers ($([ $QUICK = 1 ] && echo "quick, 1 run each" || echo "median of $REPEAT"); relay on CPU $RELAY_CPU, load on CPU $LOAD_CPU)"

@@ -312,7 +312,7 @@ def higher_better(metric):
     return any(k in metric for k in ("Gbit/s", "conn/s", "req/s", "pps", "established"))
 
 
-PEER_ORDER = ["splice-relay", "docker-proxy", "haproxy-splice", "haproxy", "socat", "direct", "udp-floor"]
+PEER_ORDER = ["splice-relay", "splice-relay --transparent", "docker-proxy", "haproxy-splice", "haproxy", "socat", "direct", "udp-floor"]
 
 
 def fmt(v):

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # End to end with a real dockerd whose userland-proxy-path is splice-relay.
-# Loopback only: the bridge is 198.18.0.0/24 with no NAT and no iptables, so
-# every published-port byte goes through the relay; clients use 127.0.0.1/::1.
+# The bridge is 198.18.0.0/24 with no NAT and no iptables, so every
+# published-port byte goes through the relay; clients use 127.0.0.1/::1, and
+# (part f) a network namespace of the script's own, 198.19.0.2, behind a veth.
+# Every proxy runs with SPLICE_RELAY_OPTS=--transparent: loopback clients are
+# not spoofed (parts a-e), the namespace's client is (part f), its replies
+# brought back by scripts/transparent-routing.sh up docker0.
 #   scripts/docker-e2e.sh [RELAY_BINARY]   (default: cargo build --release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,14 +17,15 @@ ok() { echo "PASS: $*"; pass=$((pass + 1)); }
 bad() { echo "FAIL: $*"; fail=$((fail + 1)); }
 
 # --- install (no default daemon is started: policy-rc.d says no) ---------------
-if ! command -v dockerd >/dev/null || ! command -v busybox >/dev/null || ! command -v curl >/dev/null; then
+if ! command -v dockerd >/dev/null || ! command -v busybox >/dev/null || ! command -v curl >/dev/null \
+  || ! command -v nft >/dev/null || ! command -v ip >/dev/null; then
   made_policy=0
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && made_policy=1
   fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends docker.io busybox-static curl gcc libc6-dev >/dev/null
+  apt-get install -y -qq --no-install-recommends docker.io busybox-static curl gcc libc6-dev nftables iproute2 >/dev/null
   [ "$made_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
 fi
 
@@ -34,8 +39,12 @@ cp "$relay" "$E2E/splice-relay"
 RELAY=$E2E/splice-relay
 
 holder_pid=
+CLIENT_NS=relay-e2e-client
 cleanup() {
   set +e
+  ip netns del "$CLIENT_NS" 2>/dev/null
+  ip link del e2e-host 2>/dev/null
+  scripts/transparent-routing.sh down docker0 2>/dev/null
   if docker version >/dev/null 2>&1; then
     ids=$(docker ps -aq)
     [ -n "$ids" ] && docker rm -f $ids >/dev/null 2>&1
@@ -67,6 +76,7 @@ EOF
 (
   for fd in /proc/self/fd/*; do n=${fd##*/}; [ "$n" -gt 2 ] && eval "exec $n>&-" 2>/dev/null; done
   setsid env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root SPLICE_RELAY_LOG="$E2E/relay.log" \
+    SPLICE_RELAY_OPTS=--transparent \
     dockerd --config-file "$E2E/daemon.json" </dev/null >>"$E2E/dockerd.log" 2>&1 &
 )
 for _ in $(seq 100); do docker version >/dev/null 2>&1 && break; sleep 0.2; done
@@ -168,6 +178,35 @@ if echo "$out" | grep -qi "8081" && echo "$out" | grep -qi "in use"; then
   ok "port in use reported: $(echo "$out" | grep -i "in use" | head -1)"
 else
   bad "port in use not reported: $out"
+fi
+
+# --- f. --transparent: the container sees a client namespace's own address ----
+ip netns add "$CLIENT_NS"
+ip link add e2e-client netns "$CLIENT_NS" type veth peer name e2e-host
+ip -n "$CLIENT_NS" link set lo up
+ip -n "$CLIENT_NS" addr add 198.19.0.2/24 dev e2e-client
+ip -n "$CLIENT_NS" link set e2e-client up
+ip -n "$CLIENT_NS" route add default via 198.19.0.1
+ip addr add 198.19.0.1/24 dev e2e-host
+ip link set e2e-host up
+# The container answers 198.19.0.2 through its default route, docker0: hand
+# those replies to the relay's socket.
+scripts/transparent-routing.sh up docker0
+docker run -d --pull=never --name e2e-ip -p 8082:80 relay-webapp >/dev/null
+sleep 1
+# busybox httpd listens dual-stack: an IPv4 peer may show as [::ffff:a.b.c.d].
+body=$(ip netns exec "$CLIENT_NS" curl -sS --max-time 5 http://198.19.0.1:8082/cgi-bin/ip || true)
+[[ "$body" =~ ^REMOTE_ADDR=(\[::ffff:)?198\.19\.0\.2\]?$ ]] && ok "transparent: the container sees the client's $body" \
+  || bad "transparent: the container saw '$body', not the client's 198.19.0.2"
+body=$(curl -sS --max-time 5 http://127.0.0.1:8082/cgi-bin/ip || true)
+[[ "$body" =~ ^REMOTE_ADDR=(\[::ffff:)?198\.18\.0\.1\]?$ ]] && ok "transparent: a loopback client arrives from the bridge's $body" \
+  || bad "transparent: loopback client seen as '$body', not from the bridge's 198.18.0.1"
+docker rm -f e2e-ip >/dev/null
+scripts/transparent-routing.sh down docker0
+if ip rule show | grep "lookup 2711" >/dev/null || nft list tables | grep splice_relay_transparent >/dev/null; then
+  bad "transparent-routing.sh down left a rule"
+else
+  ok "transparent-routing.sh down removed its rules"
 fi
 
 echo "docker-e2e: $pass passed, $fail failed"

@@ -25,8 +25,12 @@ Examples:
       a 100-port range in one process
   splice-relay --send-proxy v2 '[::]:443=127.0.0.1:8443'
       tell the backend each client's real address (PROXY protocol)
+  splice-relay --transparent '0.0.0.0:80=172.17.0.2:80'
+      connect to the backend from each client's own address (needs
+      CAP_NET_ADMIN and scripts/transparent-routing.sh up)
 
 FORWARD is [tcp:|udp:|both:]LISTEN=TARGET[,send-proxy=v1|v2][,accept-proxy]
+  [,transparent|,transparent=port]
 LISTEN and TARGET are IPv4:PORT or [IPv6]:PORT (TARGET may be HOST:PORT);
 PORT may be a range A-B, of equal width on both sides.
 Durations: 500ms, 10s, 5m, 1h. Sizes: 65536, 256K, 1M.
@@ -115,6 +119,13 @@ pub struct Args {
     /// Expect a PROXY protocol header from clients on every TCP forward.
     #[arg(long)]
     pub accept_proxy: bool,
+    /// Connect to every backend from the client's own address (IP_TRANSPARENT;
+    /// UDP flows also keep the client's port). Needs CAP_NET_ADMIN, and the
+    /// backend's replies routed back to the relay (scripts/transparent-routing.sh).
+    /// IPv4 to IPv4 and IPv6 to IPv6 only: an IPv6 client of an IPv4 backend
+    /// (or the reverse), and a loopback client, use the relay's own address.
+    #[arg(long)]
+    pub transparent: bool,
     /// Sources allowed to send a PROXY header: CIDR,CIDR,...
     #[arg(long, value_name = "CIDRS")]
     pub trusted_proxies: Option<String>,
@@ -252,6 +263,9 @@ impl Args {
         for f in &mut forwards {
             f.send_proxy = f.send_proxy.or(self.send_proxy);
             f.accept_proxy |= self.accept_proxy;
+            if self.transparent {
+                f.transparent = f.transparent.or(Some(config::Transparent::Address));
+            }
         }
         let trusted = match &self.trusted_proxies {
             Some(s) => trusted_proxies(s)?,

@@ -55,8 +55,33 @@ pub struct Forward {
     pub send_proxy: Option<Version>,
     /// Read a PROXY header from (trusted) clients first.
     pub accept_proxy: bool,
+    /// Connect to the target from the client's own address.
+    pub transparent: Option<Transparent>,
     /// The text this forward came from, for logs and statistics.
     pub spec: String,
+}
+
+/// How a transparent forward connects to its target: from the client's
+/// own address (IP_TRANSPARENT), where the families allow it
+/// (ARCHITECTURE.md, "Transparent").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transparent {
+    /// `,transparent`: the client's address; TCP takes a port the kernel picks.
+    Address,
+    /// `,transparent=port`: the client's address and port on TCP too.
+    AddressAndPort,
+}
+
+impl Forward {
+    /// Where this forward's TCP connections go, and how.
+    pub(crate) fn route(&self) -> crate::tcp::connection::Route {
+        crate::tcp::connection::Route {
+            target: self.target,
+            send_proxy: self.send_proxy,
+            accept_proxy: self.accept_proxy,
+            transparent: self.transparent,
+        }
+    }
 }
 
 /// A start-up failure: `Usage` (exit 2) for bad syntax, `Runtime` (exit 1)
@@ -161,14 +186,18 @@ pub fn parse_forward(text: &str, resolve: Resolver<'_>) -> Result<Vec<Forward>, 
     }
     let mut send_proxy = None;
     let mut accept_proxy = false;
+    let mut transparent = None;
     for opt in parts {
         match opt {
             "send-proxy=v1" => send_proxy = Some(Version::V1),
             "send-proxy=v2" => send_proxy = Some(Version::V2),
             "accept-proxy" => accept_proxy = true,
+            "transparent" => transparent = Some(Transparent::Address),
+            "transparent=port" => transparent = Some(Transparent::AddressAndPort),
             _ => {
                 return Err(usage(format!(
-                    "unknown option {} (expected send-proxy=v1, send-proxy=v2 or accept-proxy)",
+                    "unknown option {} (expected send-proxy=v1, send-proxy=v2, accept-proxy, transparent \
+                     or transparent=port)",
                     quote(opt)
                 )));
             }
@@ -188,6 +217,7 @@ pub fn parse_forward(text: &str, resolve: Resolver<'_>) -> Result<Vec<Forward>, 
             target: SocketAddr::new(target_ip, t_lo + i),
             send_proxy,
             accept_proxy,
+            transparent,
             spec: spec.to_string(),
         })
         .collect())
@@ -349,6 +379,11 @@ mod tests {
         assert_eq!(f.target, "127.0.0.9:5201".parse().unwrap());
         assert_eq!(f.send_proxy, Some(Version::V2));
         assert!(f.accept_proxy);
+        assert_eq!(f.transparent, None);
+        assert_eq!(one("127.0.0.1:1=10.0.0.2:1,transparent").transparent, Some(Transparent::Address));
+        let f = one("udp:[::]:1=[fd00::2]:1,send-proxy=v2,transparent=port");
+        assert_eq!(f.transparent, Some(Transparent::AddressAndPort));
+        assert!(err("127.0.0.1:1=127.0.0.1:2,transparent=yes").contains("transparent=port"));
     }
 
     #[test]

@@ -165,6 +165,7 @@ pub fn forward(
         target: SocketAddr::new(container_ip, container_port),
         send_proxy,
         accept_proxy: false,
+        transparent: None,
         spec: format!("{}:{host_ip}:{host_port}={container_ip}:{container_port}", a.proto),
     })
 }

@@ -29,6 +29,7 @@ pub(crate) mod stats;
 pub(crate) mod sys;
 pub(crate) mod tcp;
 pub(crate) mod timer;
+pub(crate) mod transparent;
 pub(crate) mod udp;
 
 use std::os::fd::OwnedFd;
@@ -72,6 +73,9 @@ pub fn run(config: &Config, listen_fd: Option<OwnedFd>, ready: impl FnOnce()) ->
     let n = config.threads.max(1);
     if n > 1 {
         check_overlaps(config)?;
+    }
+    if config.forwards.iter().any(|f| f.transparent.is_some()) {
+        check_transparent()?;
     }
     // Before any thread exists, so every thread inherits the mask.
     let mask = event_loop::block_signals().map_err(runtime("cannot set up signals"))?;
@@ -158,6 +162,19 @@ pub fn run(config: &Config, listen_fd: Option<OwnedFd>, ready: impl FnOnce()) ->
         }
     }
     result
+}
+
+/// Refuses to start a transparent relay that may not set IP_TRANSPARENT:
+/// every connection would fail otherwise.
+fn check_transparent() -> Result<(), StartError> {
+    match sys::transparent_allowed() {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(StartError::Runtime(
+            "--transparent needs CAP_NET_ADMIN (setting IP_TRANSPARENT was refused: run as root or grant the capability)"
+                .into(),
+        )),
+        Err(e) => Err(StartError::Runtime(format!("--transparent: cannot set IP_TRANSPARENT: {e}"))),
+    }
 }
 
 /// With several loops every listening socket has SO_REUSEPORT, so two
@@ -277,13 +294,13 @@ fn setup_parts(
     for (fi, fd, exclusive) in bound.tcp {
         let f = &forwards[fi];
         ev.tcp
-            .add_listener(std::net::TcpListener::from(fd), f.target, f.send_proxy, f.accept_proxy, &registry, exclusive)
+            .add_listener(std::net::TcpListener::from(fd), f.route(), &registry, exclusive)
             .map_err(runtime(format!("cannot use tcp listener {}", f.listen)))?;
     }
     for (fi, fd) in bound.udp {
         let f = &forwards[fi];
         ev.udp
-            .add_listener(std::net::UdpSocket::from(fd), f.target, f.send_proxy, &registry)
+            .add_listener(std::net::UdpSocket::from(fd), f.target, f.send_proxy, f.transparent, &registry)
             .map_err(runtime(format!("cannot use udp socket {}", f.listen)))?;
     }
     Ok(ev)

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use splice_relay::cli::{self, Args};
-use splice_relay::config::{StartError, system_resolver};
+use splice_relay::config::{StartError, Transparent, system_resolver};
 use splice_relay::docker;
 
 fn main() -> ExitCode {
@@ -85,12 +85,14 @@ fn docker_main(args: &[String]) -> ExitCode {
     let result = (|| {
         let opts = docker::native_options(std::env::var_os("SPLICE_RELAY_OPTS"))?;
         let send_proxy = opts.send_proxy;
+        let transparent = opts.transparent.then_some(Transparent::Address);
         let ports = docker::proxy_ports(std::env::var_os("SPLICE_RELAY_PROXY_PORTS"))?;
         // Not a usage error here: dockerd expects exit 1 with the reason on fd 3.
         let mut config =
             opts.into_config(&system_resolver).map_err(|e| StartError::Runtime(format!("SPLICE_RELAY_OPTS: {e}")))?;
         splice_relay::logging::init(config.log_level, std::env::var_os("SPLICE_RELAY_LOG"));
-        let forward = docker::forward(&flags, send_proxy, ports.as_deref())?;
+        let mut forward = docker::forward(&flags, send_proxy, ports.as_deref())?;
+        forward.transparent = transparent;
         let listen_fd = if flags.use_listen_fd { Some(docker::listen_fd(&forward)?) } else { None };
         config.forwards = vec![forward];
         // Docker binds IPv6 host addresses IPv6-only, [::] included.

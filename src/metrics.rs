@@ -69,6 +69,19 @@ const TCP_STATS: &[Stat<TcpRelay>] = &[
         series: one!("failed", |t, i| t.listeners[i].stats.failed),
     },
     Stat {
+        name: "tcp_transparent_connections_total",
+        kind: "counter",
+        help: "Backend connects made from the client's own address (--transparent).",
+        series: one!("transparent", |t, i| t.listeners[i].stats.transparent),
+    },
+    Stat {
+        name: "tcp_transparent_fallbacks_total",
+        kind: "counter",
+        help: "Connections of a transparent forward that used the relay's address: \
+               client and backend differ in address family.",
+        series: one!("transparent_fallbacks", |t, i| t.listeners[i].stats.transparent_fallbacks),
+    },
+    Stat {
         name: "tcp_bytes_up_total",
         kind: "counter",
         help: "Bytes client to backend, open connections included.",
@@ -124,6 +137,19 @@ const UDP_STATS: &[Stat<UdpRelay>] = &[
         kind: "counter",
         help: "UDP flows opened.",
         series: one!("flows_total", |u, i| u.listeners[i].stats.flows_total),
+    },
+    Stat {
+        name: "udp_transparent_flows_total",
+        kind: "counter",
+        help: "UDP flows whose socket sends from the client's own address and port (--transparent).",
+        series: one!("transparent_flows", |u, i| u.listeners[i].stats.flows_transparent),
+    },
+    Stat {
+        name: "udp_transparent_fallbacks_total",
+        kind: "counter",
+        help: "UDP flows of a transparent forward that send from the relay's address: \
+               client and backend differ in address family.",
+        series: one!("transparent_fallbacks", |u, i| u.listeners[i].stats.transparent_fallbacks),
     },
     Stat {
         name: "udp_datagrams_received_total",

@@ -11,6 +11,11 @@ pub struct TcpStats {
     pub refused: u64,
     /// Backend connects that failed or timed out.
     pub failed: u64,
+    /// Backend connects made from the client's address (`--transparent`).
+    pub transparent: u64,
+    /// Transparent forwards' connections that used the relay's address
+    /// because client and backend differ in address family.
+    pub transparent_fallbacks: u64,
     /// Bytes client -> backend of closed connections.
     pub bytes_up: u64,
     /// Bytes backend -> client of closed connections.
@@ -64,6 +69,11 @@ impl UdpDirStats {
 pub struct UdpStats {
     /// Flows created since start.
     pub flows_total: u64,
+    /// Flows whose socket binds the client's address and port (`--transparent`).
+    pub flows_transparent: u64,
+    /// Flows of a transparent forward that use the relay's address: client
+    /// and backend differ in address family.
+    pub transparent_fallbacks: u64,
     /// Client -> backend.
     pub up: UdpDirStats,
     /// Backend -> client.

@@ -108,15 +108,42 @@ pub fn set_oob_inline(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// A TCP socket connecting to `addr` without blocking, with SO_OOBINLINE
 /// and TCP_NODELAY set before the connect. `Ok` while the connect is in
 /// progress; its outcome comes as the first writable (or error) edge.
-pub fn tcp_connect(addr: SocketAddr) -> io::Result<OwnedFd> {
+/// With `from`, the socket gets IP_TRANSPARENT (or IPV6_TRANSPARENT) and
+/// binds `from`, a client's address, first: one setsockopt and one bind.
+pub fn tcp_connect(addr: SocketAddr, from: Option<SocketAddr>) -> io::Result<OwnedFd> {
     let fd = socket_for(addr, sock::SockType::Stream)?;
     set_oob_inline(fd.as_fd())?;
     set_nodelay(fd.as_fd())?;
+    if let Some(from) = from {
+        set_transparent(fd.as_fd(), from.is_ipv6())?;
+        bind(&fd, from)?;
+    }
     let storage = sock::SockaddrStorage::from(addr);
     match sock::connect(fd.as_raw_fd(), &storage) {
         Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => Ok(fd),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Sets IP_TRANSPARENT (IPv4) or IPV6_TRANSPARENT (IPv6): the socket may
+/// bind an address that is not the host's, such as a client's
+/// (ARCHITECTURE.md, "Transparent"). Needs CAP_NET_ADMIN (EPERM without).
+pub fn set_transparent(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<()> {
+    if !ipv6 {
+        return sock::setsockopt(&fd, sockopt::IpTransparent, &true).map_err(io::Error::from);
+    }
+    let on: libc::c_int = 1;
+    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    let ptr = (&on as *const libc::c_int).cast::<libc::c_void>();
+    // SAFETY: `fd` is borrowed for the call; `ptr` points to a live c_int of `len` bytes.
+    syscall!(setsockopt(fd.as_raw_fd(), libc::SOL_IPV6, libc::IPV6_TRANSPARENT, ptr, len)).map(|_| ())
+}
+
+/// Checks at start that this process may set IP_TRANSPARENT, on a socket
+/// made for the check and closed at once.
+pub fn transparent_allowed() -> io::Result<()> {
+    let fd = socket_for(SocketAddr::from(([0, 0, 0, 0], 0)), sock::SockType::Stream)?;
+    set_transparent(fd.as_fd(), false)
 }
 
 /// Reads at most one byte from a socket without blocking: the step past an
@@ -223,6 +250,18 @@ pub fn udp_connected_from(peer: SocketAddr, port: u16) -> io::Result<OwnedFd> {
         };
         bind(&fd, SocketAddr::new(any, port))?;
     }
+    let storage = sock::SockaddrStorage::from(peer);
+    retry(|| sock::connect(fd.as_raw_fd(), &storage).map_err(io::Error::from))?;
+    Ok(fd)
+}
+
+/// A UDP socket with IP_TRANSPARENT (or IPV6_TRANSPARENT), bound to `from`,
+/// a client's address and port, and connected to `peer`: one client's
+/// transparent flow (ARCHITECTURE.md, "Transparent").
+pub fn udp_connected_transparent(peer: SocketAddr, from: SocketAddr) -> io::Result<OwnedFd> {
+    let fd = socket_for(peer, sock::SockType::Datagram)?;
+    set_transparent(fd.as_fd(), from.is_ipv6())?;
+    bind(&fd, from)?;
     let storage = sock::SockaddrStorage::from(peer);
     retry(|| sock::connect(fd.as_raw_fd(), &storage).map_err(io::Error::from))?;
     Ok(fd)

@@ -25,11 +25,14 @@ use mio::{Interest, Registry};
 
 use super::direction::{DirState, Direction, Side};
 use super::pipe_pool::PipePool;
+use crate::config::Transparent;
 use crate::proxy_protocol::{self as pp, Transport, Version};
 use crate::reactor::{Kind, token};
 use crate::shared::Sources;
 use crate::slab::Key;
+use crate::stats::TcpStats;
 use crate::sys;
+use crate::transparent::{self, Source};
 
 /// Bytes all TCP turns of one loop iteration may read together, shared
 /// among the connections that used up their turn last time (ARCHITECTURE.md,
@@ -76,6 +79,8 @@ pub(crate) struct Route {
     pub(crate) send_proxy: Option<Version>,
     /// Read a PROXY header from the client before anything else.
     pub(crate) accept_proxy: bool,
+    /// Connect from the client's address (ARCHITECTURE.md, "Transparent").
+    pub(crate) transparent: Option<Transparent>,
 }
 
 /// What [`Connection::drive`] needs from the relay.
@@ -90,6 +95,10 @@ pub(crate) struct Env<'a> {
     pub(crate) route: &'a Route,
     /// The per-source limit.
     pub(crate) sources: &'a Sources,
+    /// The listener's counters (transparent connects and fallbacks).
+    pub(crate) stats: &'a mut TcpStats,
+    /// The listener's cross-family fallback was logged already.
+    pub(crate) fallback_logged: &'a mut bool,
     /// Copy through user memory instead of splicing.
     pub(crate) splice: bool,
     /// Bytes each direction may read this turn (see [`turn_budget`]).
@@ -190,6 +199,8 @@ pub(crate) struct Connection {
     since: Instant,
     /// The last time bytes moved.
     last_active: Instant,
+    /// The backend socket was bound to the client's address.
+    pub(crate) spoofed: bool,
     /// The soonest deadline a timer is already set for.
     pub(crate) timer_at: Option<Instant>,
     /// On the relay's ready list: its next turn is already due.
@@ -208,6 +219,7 @@ impl Connection {
             state: State::Identifying,
             since: now,
             last_active: now,
+            spoofed: false,
             timer_at: None,
             queued: false,
         }
@@ -243,8 +255,31 @@ impl Connection {
                 return Progress::Closed(End::Reset(Why::SourceLimit));
             }
             self.source = env.sources.counts().then_some(self.peer.ip());
-            match start_connect(env) {
+            let from = match transparent::source(env.route.transparent, self.peer, env.route.target, false) {
+                Source::Client(from) => Some(from),
+                Source::Own => None,
+                Source::Loopback => {
+                    log::debug!("{}: a loopback client; connecting from the relay's own address", self.peer);
+                    None
+                }
+                Source::OtherFamily => {
+                    env.stats.transparent_fallbacks += 1;
+                    if !std::mem::replace(env.fallback_logged, true) {
+                        log::warn!(
+                            "{} -> {}: no transparent connect across address families; this forward's such \
+                             clients connect from the relay's own address (counted as transparent fallbacks; \
+                             logged once)",
+                            self.peer,
+                            env.route.target
+                        );
+                    }
+                    None
+                }
+            };
+            self.spoofed = from.is_some();
+            match start_connect(env, from) {
                 Ok(backend) => {
+                    env.stats.transparent += u64::from(self.spoofed);
                     self.since = env.now;
                     self.state = State::Connecting { backend };
                 }
@@ -433,8 +468,9 @@ impl Relaying {
 }
 
 /// Starts the backend connect and registers its socket.
-fn start_connect(env: &mut Env<'_>) -> io::Result<Side> {
-    let fd = sys::tcp_connect(env.route.target)?;
+/// With `from`, the socket binds that address (the client's) first.
+fn start_connect(env: &mut Env<'_>, from: Option<SocketAddr>) -> io::Result<Side> {
+    let fd = sys::tcp_connect(env.route.target, from)?;
     let mut sock = TcpStream::from_std(std::net::TcpStream::from(fd));
     env.registry.register(&mut sock, token(Kind::Backend, env.key), INTEREST)?;
     Ok(Side::new(sock))

@@ -19,7 +19,6 @@ use std::time::Duration;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry};
 
-use crate::proxy_protocol::Version;
 use crate::reactor::{Ctx, Kind, fixed_token};
 use crate::shared::Shared;
 use crate::slab::{Key, Slab};
@@ -65,6 +64,8 @@ pub struct Listener {
     paused: bool,
     /// Accepted sockets come with TCP_NODELAY already set.
     nodelay_inherited: bool,
+    /// A transparent connect across address families was logged already.
+    fallback_logged: bool,
     /// Counters for this listener.
     pub stats: TcpStats,
 }
@@ -113,13 +114,12 @@ impl TcpRelay {
         }
     }
 
-    /// Adds a listening socket relaying to `target`.
-    pub fn add_listener(
+    /// Adds a listening socket whose connections go by `route`; `exclusive`:
+    /// the socket is shared by every loop (registered with EPOLLEXCLUSIVE).
+    pub(crate) fn add_listener(
         &mut self,
         sock: std::net::TcpListener,
-        target: SocketAddr,
-        send_proxy: Option<Version>,
-        accept_proxy: bool,
+        route: Route,
         registry: &Registry,
         exclusive: bool,
     ) -> io::Result<()> {
@@ -141,10 +141,11 @@ impl TcpRelay {
         self.listeners.push(Listener {
             sock: Some(sock),
             addr,
-            route: Route { target, send_proxy, accept_proxy },
+            route,
             readable: true,
             paused: false,
             nodelay_inherited,
+            fallback_logged: false,
             stats: TcpStats::default(),
         });
         Ok(())
@@ -310,12 +311,15 @@ impl TcpRelay {
     /// the turn's budget allow.
     fn advance(&mut self, key: Key, ctx: &mut Ctx<'_>) {
         let Some(conn) = self.conns.get_mut(key) else { return };
+        let l = &mut self.listeners[conn.listener];
         let mut env = Env {
             pool: &mut self.pool,
             registry: ctx.registry,
             key,
-            route: &self.listeners[conn.listener].route,
+            route: &l.route,
             sources: &self.shared.sources,
+            stats: &mut l.stats,
+            fallback_logged: &mut l.fallback_logged,
             splice: self.settings.splice,
             budget: self.budget,
             now: ctx.now,
@@ -374,6 +378,13 @@ impl TcpRelay {
                     }
                     Why::Unreachable(e) => {
                         log::warn!("{peer} -> {target}: backend unreachable: {e}");
+                        l.stats.failed += 1;
+                    }
+                    Why::ConnectTimeout if conn.spoofed => {
+                        log::warn!(
+                            "{peer} -> {target}: transparent connect timed out (are the backend's replies routed \
+                             to the relay? see scripts/transparent-routing.sh)"
+                        );
                         l.stats.failed += 1;
                     }
                     Why::ConnectTimeout => {

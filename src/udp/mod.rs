@@ -12,6 +12,7 @@ use std::time::Duration;
 use mio::net::UdpSocket;
 use mio::{Interest, Registry};
 
+use crate::config::Transparent;
 use crate::proxy_protocol::{self as pp, Transport, Version};
 use crate::reactor::{Ctx, Kind, fixed_token, token};
 use crate::shared::Shared;
@@ -19,6 +20,7 @@ use crate::slab::{Key, Slab};
 use crate::stats::{DropReason, UdpDirStats, UdpStats};
 use crate::sys::mmsg::{BATCH, Batch, Gso, Out, PktInfo};
 use crate::timer::Timer;
+use crate::transparent::{self, Source};
 use crate::unmap;
 use flow_table::FlowTable;
 use std::sync::Arc;
@@ -46,6 +48,10 @@ pub struct UdpListener {
     /// The backend.
     pub target: SocketAddr,
     send_proxy: Option<Version>,
+    /// Flows bind the client's address and port (ARCHITECTURE.md, "Transparent").
+    transparent: Option<Transparent>,
+    /// A transparent flow across address families was logged already.
+    fallback_logged: bool,
     readable: bool,
     /// On the ready list: its next turn is already due.
     queued: bool,
@@ -72,7 +78,8 @@ struct Flow {
     gso: Gso,
     /// On the ready list: its next turn is already due.
     queued: bool,
-    /// The socket's local port, held back from new flows once it closes.
+    /// The socket's local port, held back from new flows once it closes
+    /// (0: a transparent flow's, the client's own port, never held).
     port: u16,
 }
 
@@ -123,6 +130,7 @@ impl UdpRelay {
         sock: std::net::UdpSocket,
         target: SocketAddr,
         send_proxy: Option<Version>,
+        transparent: Option<Transparent>,
         registry: &Registry,
     ) -> io::Result<()> {
         sock.set_nonblocking(true)?;
@@ -149,6 +157,8 @@ impl UdpRelay {
             addr,
             target,
             send_proxy,
+            transparent,
+            fallback_logged: false,
             readable: true,
             queued: false,
             gso: self.gso_default(),
@@ -434,7 +444,9 @@ const PORT_TRIES: usize = 8;
 /// loop) and frees its place under the flow bound.
 fn close_flow(flows: &mut Slab<Flow>, shared: &Shared, key: Key, now: std::time::Instant) {
     if let Some(f) = flows.remove(key) {
-        shared.held_ports().release(f.port, now);
+        if f.port != 0 {
+            shared.held_ports().release(f.port, now);
+        }
     }
 }
 
@@ -494,7 +506,26 @@ fn open_flow(
         log::debug!("udp flow table full; least recently used flow closed");
         close_flow(flows, shared, old, ctx.now);
     }
-    let (fd, port) = match flow_socket(l.target, shared, ctx.now) {
+    let opened = match transparent::source(l.transparent, unmap(client), l.target, true) {
+        // The client's own address and port: no other flow can have it, so
+        // the port hold does not apply.
+        Source::Client(from) => crate::sys::udp_connected_transparent(l.target, from).map(|fd| (fd, 0)),
+        other => {
+            if other == Source::OtherFamily {
+                l.stats.transparent_fallbacks += 1;
+                if !std::mem::replace(&mut l.fallback_logged, true) {
+                    log::warn!(
+                        "udp {} -> {}: no transparent flow across address families; this forward's such clients \
+                         send from the relay's own address (counted as transparent fallbacks; logged once)",
+                        unmap(client),
+                        l.target
+                    );
+                }
+            }
+            flow_socket(l.target, shared, ctx.now)
+        }
+    };
+    let (fd, port) = match opened {
         Ok(s) => s,
         Err(e) => {
             log::warn!("udp {client} -> {}: cannot open a flow: {e}", l.target);
@@ -512,6 +543,7 @@ fn open_flow(
     }
     flows.insert(Flow { sock, listener: idx, client, reply_from, gso: l.flow_gso, queued: false, port });
     l.stats.flows_total += 1;
+    l.stats.flows_transparent += u64::from(port == 0);
     log::debug!("udp flow {} -> {} -> {} opened", unmap(client), l.addr, l.target);
     if let Some((_, old)) = table.insert((idx, client, reply_from.map(|d| d.ip())), key, ctx.now) {
         close_flow(flows, shared, old, ctx.now);
@@ -617,7 +649,7 @@ mod tests {
             assert!(!pktinfo(fd.as_fd(), addr.is_ipv6()), "{addr}: udp_listener turned PKTINFO on");
             // A socket made elsewhere, like docker's fd 4, gets it from add_listener.
             let sock = std::net::UdpSocket::from(fd);
-            relay.add_listener(sock, target, None, poll.registry()).unwrap();
+            relay.add_listener(sock, target, None, None, poll.registry()).unwrap();
             let l = relay.listeners.last().unwrap();
             assert!(pktinfo(l.sock.as_fd(), addr.is_ipv6()), "{addr}: add_listener left PKTINFO off");
         }
