@@ -23,6 +23,7 @@ const CAP_LINE: &str =
     "--transparent needs CAP_NET_ADMIN (setting IP_TRANSPARENT was refused: run as root or grant the capability)";
 
 #[test]
+#[ignore = "needs root (network namespaces, capabilities); scripts/test.sh runs it"]
 fn without_cap_net_admin_the_relay_refuses_to_start_with_one_line() {
     require_command("setpriv", "apt-get install util-linux");
     for args in [vec!["--transparent", "127.0.0.1:1=127.0.0.1:2"], vec!["udp:127.0.0.1:1=127.0.0.1:2,transparent=port"]]
@@ -35,6 +36,7 @@ fn without_cap_net_admin_the_relay_refuses_to_start_with_one_line() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, capabilities); scripts/test.sh runs it"]
 fn docker_mode_reports_the_missing_capability_on_fd_3() {
     require_command("setpriv", "apt-get install util-linux");
     // fd 3 is the status pipe dockerd reads: here it is the shell's stdout.
@@ -237,6 +239,7 @@ fn addr(ip: &str, port: u16) -> SocketAddr {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, capabilities); scripts/test.sh runs it"]
 fn tcp_backend_sees_the_client_address_ipv4_and_ipv6_and_port_with_eq_port() {
     let net = Net::new();
     net.routing("up");
@@ -270,6 +273,7 @@ fn tcp_backend_sees_the_client_address_ipv4_and_ipv6_and_port_with_eq_port() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, capabilities); scripts/test.sh runs it"]
 fn udp_backend_sees_the_client_address_and_port_ipv4_and_ipv6() {
     let net = Net::new();
     net.routing("up");
@@ -315,6 +319,7 @@ fn udp_backend_sees_the_client_address_and_port_ipv4_and_ipv6() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, capabilities); scripts/test.sh runs it"]
 fn an_ipv6_client_of_an_ipv4_backend_falls_back_counted_logged_once_and_send_proxy_still_tells() {
     let net = Net::new();
     net.routing("up");
@@ -355,6 +360,7 @@ fn an_ipv6_client_of_an_ipv4_backend_falls_back_counted_logged_once_and_send_pro
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, capabilities); scripts/test.sh runs it"]
 fn without_the_return_route_a_connect_fails_in_connect_timeout_and_up_then_down_restore_it() {
     let net = Net::new();
     let before = net.relay_routing_state();
@@ -399,6 +405,7 @@ fn without_the_return_route_a_connect_fails_in_connect_timeout_and_up_then_down_
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, capabilities); scripts/test.sh runs it"]
 fn a_loopback_client_is_not_spoofed_and_not_counted_as_a_fallback() {
     let net = Net::new();
     net.routing("up");
@@ -414,6 +421,7 @@ fn a_loopback_client_is_not_spoofed_and_not_counted_as_a_fallback() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, capabilities); scripts/test.sh runs it"]
 fn a_backend_reset_reaches_the_client_as_a_reset() {
     let net = Net::new();
     net.routing("up");
@@ -439,6 +447,7 @@ fn a_backend_reset_reaches_the_client_as_a_reset() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces, capabilities); scripts/test.sh runs it"]
 fn a_udp_ipv6_client_of_an_ipv4_backend_falls_back_counted_on_the_line_and_the_page() {
     let net = Net::new();
     net.routing("up");
