@@ -345,19 +345,28 @@ except subprocess.TimeoutExpired:
 /// Runs the relay in docker mode with `-use-listen-fd` and fd 4 of `kind`
 /// bound on `host`; returns (what fd 3 said, the exit status as text).
 fn docker_with_fd4(kind: &str, host: &str, proto: &str, host_ip: &str, env: &[(&str, &str)]) -> (String, String) {
-    let port = free_port().to_string();
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(FD4_DOCKERD)
-        .args([kind, host, &port, BIN])
-        .args(["-proto", proto, "-host-ip", host_ip, "-host-port", &port])
-        .args(["-container-ip", "127.0.0.1", "-container-port", "9", "-use-listen-fd"])
-        .env_remove("RUST_LOG")
-        .env_remove("SPLICE_RELAY_OPTS")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .output()
-        .expect("python3 (needed for the docker-mode tests)");
+    // A port found free may be taken before the fake dockerd binds it: then again on another.
+    let mut attempts = 0;
+    let out = loop {
+        attempts += 1;
+        let port = free_port().to_string();
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(FD4_DOCKERD)
+            .args([kind, host, &port, BIN])
+            .args(["-proto", proto, "-host-ip", host_ip, "-host-port", &port])
+            .args(["-container-ip", "127.0.0.1", "-container-port", "9", "-use-listen-fd"])
+            .env_remove("RUST_LOG")
+            .env_remove("SPLICE_RELAY_OPTS")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .expect("python3 (needed for the docker-mode tests)");
+        if attempts < 5 && String::from_utf8_lossy(&out.stderr).contains("Address already in use") {
+            continue;
+        }
+        break out;
+    };
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let field = |word: &str| {
