@@ -292,13 +292,17 @@ fn flow_table_is_bounded_and_new_clients_still_get_service() {
         let stop = stop.clone();
         let pid = relay.pid();
         thread::spawn(move || {
-            let mut max = 0;
-            let deadline = Instant::now() + Duration::from_secs(30);
+            let (mut max, mut samples) = (0, 0u64);
+            let deadline = Instant::now() + Duration::from_secs(60);
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                max = max.max(fds_of(pid).sockets);
+                let fds = fds_of(pid);
+                if fds.total > 0 {
+                    max = max.max(fds.sockets);
+                    samples += 1;
+                }
                 thread::sleep(Duration::from_millis(1));
             }
-            max
+            (max, samples)
         })
     };
     let clients: Vec<UdpSocket> = (0..20).map(|_| udp_client("127.0.0.1:0", Duration::from_millis(500))).collect();
@@ -314,10 +318,13 @@ fn flow_table_is_bounded_and_new_clients_still_get_service() {
     assert!(round_trip(&clients[0], to, b"evicted client").is_some(), "evicted client not served again");
     assert_eq!(relay.fds().sockets, baseline + MAX);
     stop.store(true, Ordering::Relaxed);
-    let max = sampler.join().unwrap();
+    let (max, samples) = sampler.join().unwrap();
     // The least recently used flow is closed before the new flow's socket
-    // is opened: never one more, not even for an instant.
-    assert_eq!(max, baseline + MAX, "sampled at most {max} sockets, baseline {baseline}, --udp-max-flows {MAX}");
+    // is opened: never one more, not even for an instant. (The exact counts
+    // after each client are asserted above; a loaded machine may starve the
+    // sampler of the moments at the bound, never of a moment over it.)
+    assert!(samples > 0, "the sampler never read the relay's fds");
+    assert!(max <= baseline + MAX, "sampled {max} sockets, baseline {baseline}, --udp-max-flows {MAX}");
     relay.expect_log("least recently used flow closed");
     relay.assert_alive();
 }
