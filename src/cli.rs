@@ -129,6 +129,14 @@ pub struct Args {
     /// Sources allowed to send a PROXY header: CIDR,CIDR,...
     #[arg(long, value_name = "CIDRS")]
     pub trusted_proxies: Option<String>,
+    /// Only these sources may use a forward: CIDR,CIDR,... (a forward's own
+    /// ,allow= replaces it). On accept-proxy forwards, the PROXY header's address.
+    #[arg(long, value_name = "CIDRS")]
+    pub allow: Option<String>,
+    /// These sources may not use a forward, even if allowed: CIDR,CIDR,...
+    /// (a forward's own ,deny= replaces it).
+    #[arg(long, value_name = "CIDRS")]
+    pub deny: Option<String>,
     /// Bound on reading a client's PROXY header.
     #[arg(
         long,
@@ -224,6 +232,9 @@ pub struct Config {
     pub(crate) udp: UdpSettings,
     /// Loop settings.
     pub(crate) event_loop: LoopSettings,
+    /// `--allow` and `--deny`, already applied to `forwards` (docker mode
+    /// applies them to its one forward).
+    pub access: crate::cidr::Access,
     /// Metrics endpoint.
     pub metrics: Option<SocketAddr>,
     /// Event loops (threads).
@@ -265,6 +276,16 @@ impl Args {
             f.accept_proxy |= self.accept_proxy;
             if self.transparent {
                 f.transparent = f.transparent.or(Some(config::Transparent::Address));
+            }
+        }
+        let allow = cidr_list("--allow", self.allow.as_deref())?;
+        let deny = cidr_list("--deny", self.deny.as_deref())?;
+        for f in &mut forwards {
+            if f.access.allow.is_none() {
+                f.access.allow = allow.clone();
+            }
+            if f.access.deny.is_none() {
+                f.access.deny = deny.clone();
             }
         }
         let trusted = match &self.trusted_proxies {
@@ -326,6 +347,7 @@ impl Args {
                 rcvbuf: self.udp_rcvbuf,
             },
             event_loop: LoopSettings { drain_timeout: self.drain_timeout, stats_interval: self.stats_interval },
+            access: crate::cidr::Access { allow, deny },
             metrics: self.metrics,
             threads: self.threads,
             log_level: level,
@@ -356,16 +378,15 @@ fn read_config_file(path: &str) -> Result<Vec<u8>, StartError> {
 /// Parses --trusted-proxies. An entry longer than any address can be
 /// is named cut short instead of whole.
 fn trusted_proxies(list: &str) -> Result<Vec<crate::cidr::Cidr>, StartError> {
-    let usage = |msg: String| StartError::Usage(format!("--trusted-proxies: {msg}"));
-    list.split(',')
-        .filter(|p| !p.trim().is_empty())
-        .map(|p| {
-            crate::cidr::Cidr::parse(p).map_err(|e| match config::clip(p.trim(), 60) {
-                (_, false) => usage(e),
-                (_, true) => usage(format!("{} is not an address or CIDR range", config::quote(p.trim()))),
-            })
-        })
-        .collect()
+    if list.split(',').all(|p| p.trim().is_empty()) {
+        return Ok(Vec::new());
+    }
+    cidr_list("--trusted-proxies", Some(list)).map(Option::unwrap_or_default)
+}
+
+/// Parses a comma-separated list of CIDR ranges given to `option`.
+fn cidr_list(option: &str, list: Option<&str>) -> Result<Option<Vec<crate::cidr::Cidr>>, StartError> {
+    list.map(|l| crate::cidr::parse_list(l, ',').map_err(|e| StartError::Usage(format!("{option}: {e}")))).transpose()
 }
 
 #[cfg(test)]

@@ -300,7 +300,14 @@ fn setup_parts(
     for (fi, fd) in bound.udp {
         let f = &forwards[fi];
         ev.udp
-            .add_listener(std::net::UdpSocket::from(fd), f.target, f.send_proxy, f.transparent, &registry)
+            .add_listener(
+                std::net::UdpSocket::from(fd),
+                f.target,
+                f.send_proxy,
+                f.transparent,
+                f.access.clone(),
+                &registry,
+            )
             .map_err(runtime(format!("cannot use udp socket {}", f.listen)))?;
     }
     Ok(ev)

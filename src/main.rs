@@ -93,6 +93,7 @@ fn docker_main(args: &[String]) -> ExitCode {
         splice_relay::logging::init(config.log_level, std::env::var_os("SPLICE_RELAY_LOG"));
         let mut forward = docker::forward(&flags, send_proxy, ports.as_deref())?;
         forward.transparent = transparent;
+        forward.access = config.access.clone();
         let listen_fd = if flags.use_listen_fd { Some(docker::listen_fd(&forward)?) } else { None };
         config.forwards = vec![forward];
         // Docker binds IPv6 host addresses IPv6-only, [::] included.
