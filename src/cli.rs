@@ -156,6 +156,11 @@ pub struct Args {
     /// process may run on, which respects taskset and cgroup cpusets).
     #[arg(long, value_name = "N|auto", default_value = "1", value_parser = parse_threads)]
     pub threads: usize,
+    /// Check the configuration and exit: parse and validate everything
+    /// (syntax, host names, overlapping listen addresses, option ranges),
+    /// bind nothing, print each problem; exit 0 if none, else 2.
+    #[arg(long)]
+    pub check: bool,
     /// More logging (-v debug, -vv trace).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -264,12 +269,39 @@ impl Args {
     /// Turns the arguments into a config: reads config files, expands
     /// ranges, resolves host names, applies global options.
     pub fn into_config(self, resolve: Resolver<'_>) -> Result<Config, StartError> {
+        self.into_config_all(resolve, false).map_err(|mut problems| problems.swap_remove(0))
+    }
+
+    /// Like [`Args::into_config`], for `--check`: every problem it finds
+    /// (each bad line of each config file, each bad FORWARD, each bad
+    /// option), not only the first.
+    pub fn check_config(self, resolve: Resolver<'_>) -> Result<Config, Vec<StartError>> {
+        self.into_config_all(resolve, true)
+    }
+
+    /// The config, or the problems found: all of them if `all`, else the first.
+    fn into_config_all(self, resolve: Resolver<'_>, all: bool) -> Result<Config, Vec<StartError>> {
+        let mut problems = Vec::new();
         let mut forwards = Vec::new();
         for path in &self.config {
-            forwards.extend(config::parse_config(path, &read_config_file(path)?, resolve)?);
+            match read_config_file(path) {
+                Ok(bytes) => {
+                    let (found, bad) = config::parse_config_all(path, &bytes, resolve, all);
+                    forwards.extend(found);
+                    problems.extend(bad);
+                }
+                Err(e) => problems.push(e),
+            }
+            if !all && !problems.is_empty() {
+                return Err(problems);
+            }
         }
         for f in &self.forwards {
-            forwards.extend(config::parse_forward(f, resolve)?);
+            match config::parse_forward(f, resolve) {
+                Ok(found) => forwards.extend(found),
+                Err(e) if all => problems.push(e),
+                Err(e) => return Err(vec![e]),
+            }
         }
         for f in &mut forwards {
             f.send_proxy = f.send_proxy.or(self.send_proxy);
@@ -278,8 +310,11 @@ impl Args {
                 f.transparent = f.transparent.or(Some(config::Transparent::Address));
             }
         }
-        let allow = cidr_list("--allow", self.allow.as_deref())?;
-        let deny = cidr_list("--deny", self.deny.as_deref())?;
+        let mut ok = |r: Result<_, StartError>| r.map_err(|e| problems.push(e)).ok();
+        let allow = ok(cidr_list("--allow", self.allow.as_deref())).flatten();
+        let deny = ok(cidr_list("--deny", self.deny.as_deref())).flatten();
+        // None: --trusted-proxies is wrong, and said so already.
+        let trusted = ok(trusted_proxies(self.trusted_proxies.as_deref().unwrap_or_default()).map(Some)).flatten();
         for f in &mut forwards {
             if f.access.allow.is_none() {
                 f.access.allow = allow.clone();
@@ -288,17 +323,13 @@ impl Args {
                 f.access.deny = deny.clone();
             }
         }
-        let trusted = match &self.trusted_proxies {
-            Some(s) => trusted_proxies(s)?,
-            None => Vec::new(),
-        };
-        if forwards.iter().any(|f| f.accept_proxy) && trusted.is_empty() {
-            return Err(StartError::Usage(
+        if forwards.iter().any(|f| f.accept_proxy) && trusted.as_ref().is_some_and(Vec::is_empty) {
+            problems.push(StartError::Usage(
                 "accept-proxy needs --trusted-proxies (e.g. 10.0.0.0/8; 0.0.0.0/0,::/0 trusts everyone)".into(),
             ));
         }
         if self.udp_max_flows == 0 {
-            return Err(StartError::Usage("--udp-max-flows must be at least 1".into()));
+            problems.push(StartError::Usage("--udp-max-flows must be at least 1".into()));
         }
         // 0 turns --idle-timeout, --half-close-timeout and --drain-timeout off;
         // for these it would mean "at once", over and over.
@@ -312,8 +343,11 @@ impl Args {
                 "--stats-interval must be more than 0 (leave it out to log only on SIGUSR1)",
             ),
         ];
-        if let Some((_, msg)) = must_not_be_zero.iter().find(|(is_zero, _)| *is_zero) {
-            return Err(StartError::Usage(msg.to_string()));
+        problems.extend(
+            must_not_be_zero.iter().filter(|(is_zero, _)| *is_zero).map(|(_, msg)| StartError::Usage(msg.to_string())),
+        );
+        if !problems.is_empty() {
+            return Err(problems);
         }
         let level = match (self.verbose as i32) - (self.quiet as i32) {
             i32::MIN..=-2 => log::LevelFilter::Error,
@@ -338,7 +372,7 @@ impl Args {
                 splice: !self.no_splice,
                 pipe_size: self.pipe_size.unwrap_or(DEFAULT_PIPE_SIZE),
                 pipe_spare: 32,
-                trusted,
+                trusted: trusted.unwrap_or_default(),
             },
             udp: UdpSettings {
                 timeout: self.udp_timeout,

@@ -281,21 +281,37 @@ fn parse_ports(s: &str) -> Result<(u16, u16), String> {
 /// Parses a config file: one FORWARD per line of UTF-8 text, blank lines
 /// and `#` comments allowed. Errors name the file and line.
 pub fn parse_config(name: &str, bytes: &[u8], resolve: Resolver<'_>) -> Result<Vec<Forward>, StartError> {
+    let (forwards, mut problems) = parse_config_all(name, bytes, resolve, false);
+    match problems.is_empty() {
+        true => Ok(forwards),
+        false => Err(problems.swap_remove(0)),
+    }
+}
+
+/// Parses a config file's forwards, and the bad lines (each `FILE:LINE:
+/// reason`): all of them if `all` (for `--check`), else up to the first.
+pub fn parse_config_all(name: &str, bytes: &[u8], resolve: Resolver<'_>, all: bool) -> (Vec<Forward>, Vec<StartError>) {
     let mut out = Vec::new();
+    let mut problems = Vec::new();
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        let line =
-            std::str::from_utf8(line).map_err(|_| StartError::Usage(format!("{name}:{}: not UTF-8 text", i + 1)))?;
+        if !all && !problems.is_empty() {
+            break;
+        }
+        let Ok(line) = std::str::from_utf8(line) else {
+            problems.push(StartError::Usage(format!("{name}:{}: not UTF-8 text", i + 1)));
+            continue;
+        };
         let line = line.split('#').next().unwrap_or_default().trim();
         if line.is_empty() {
             continue;
         }
-        let fwd = parse_forward(line, resolve).map_err(|e| match e {
-            StartError::Usage(m) => StartError::Usage(format!("{name}:{}: {m}", i + 1)),
-            StartError::Runtime(m) => StartError::Runtime(format!("{name}:{}: {m}", i + 1)),
-        })?;
-        out.extend(fwd);
+        match parse_forward(line, resolve) {
+            Ok(fwd) => out.extend(fwd),
+            Err(StartError::Usage(m)) => problems.push(StartError::Usage(format!("{name}:{}: {m}", i + 1))),
+            Err(StartError::Runtime(m)) => problems.push(StartError::Runtime(format!("{name}:{}: {m}", i + 1))),
+        }
     }
-    Ok(out)
+    (out, problems)
 }
 
 /// The longest duration an option takes: 3650 days (about 10 years), far

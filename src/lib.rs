@@ -182,25 +182,70 @@ fn check_transparent() -> Result<(), StartError> {
 /// share their clients: refuse them as the kernel refuses a second bind
 /// with one loop.
 fn check_overlaps(config: &Config) -> Result<(), StartError> {
+    match overlaps(config).into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Every pair of forwards of one protocol whose listen addresses overlap,
+/// and a `--metrics` address that overlaps a TCP forward's.
+fn overlaps(config: &Config) -> Vec<StartError> {
     let fw = &config.forwards;
-    for (i, a) in fw.iter().enumerate() {
-        for b in &fw[i + 1..] {
-            let proto = match (a.proto.tcp() && b.proto.tcp(), a.proto.udp() && b.proto.udp()) {
-                (true, _) => "tcp",
-                (_, true) => "udp",
-                _ => continue,
-            };
-            if a.listen.port() == b.listen.port() && overlap(a.listen.ip(), b.listen.ip(), config.ipv6_only) {
-                return Err(StartError::Runtime(format!(
-                    "cannot listen on {proto} {}: Address already in use (by the forward {})",
-                    b.listen,
-                    config::quote(&a.spec)
-                )));
+    // Only forwards on one port can overlap: compare within each port.
+    let mut by_port: std::collections::BTreeMap<u16, Vec<&config::Forward>> = Default::default();
+    for f in fw {
+        by_port.entry(f.listen.port()).or_default().push(f);
+    }
+    let mut problems = Vec::new();
+    for same_port in by_port.values() {
+        for (i, a) in same_port.iter().enumerate() {
+            for b in &same_port[i + 1..] {
+                let proto = match (a.proto.tcp() && b.proto.tcp(), a.proto.udp() && b.proto.udp()) {
+                    (true, _) => "tcp",
+                    (_, true) => "udp",
+                    _ => continue,
+                };
+                if overlap(a.listen.ip(), b.listen.ip(), config.ipv6_only) {
+                    problems.push(StartError::Runtime(format!(
+                        "cannot listen on {proto} {}: Address already in use (by the forward {})",
+                        b.listen,
+                        config::quote(&a.spec)
+                    )));
+                }
             }
         }
     }
-    Ok(())
+    if let Some(m) = config.metrics {
+        let clash = by_port
+            .get(&m.port())
+            .into_iter()
+            .flatten()
+            .find(|f| f.proto.tcp() && overlap(f.listen.ip(), m.ip(), config.ipv6_only));
+        if let Some(f) = clash {
+            problems.push(StartError::Runtime(format!(
+                "cannot serve metrics on {m}: Address already in use (by the forward {})",
+                config::quote(&f.spec)
+            )));
+        }
+    }
+    problems
 }
+
+/// `--check`: what [`run`] would refuse before binding, found without
+/// binding anything: no forward, and overlapping listen addresses (for
+/// any `--threads`, and `--metrics` against TCP forwards).
+pub fn check(config: &Config) -> Vec<StartError> {
+    let mut problems = Vec::new();
+    if config.forwards.is_empty() {
+        problems.push(StartError::Usage(NOTHING_TO_RELAY.into()));
+    }
+    problems.extend(overlaps(config));
+    problems
+}
+
+/// The error for a command line with no forward.
+pub const NOTHING_TO_RELAY: &str = "nothing to relay: give at least one FORWARD or --config FILE (see --help)";
 
 /// True if sockets bound to `a` and `b` (same port) would take the same clients.
 fn overlap(a: std::net::IpAddr, b: std::net::IpAddr, ipv6_only: bool) -> bool {
