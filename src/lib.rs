@@ -27,6 +27,7 @@ pub(crate) mod shared;
 pub(crate) mod slab;
 pub(crate) mod stats;
 pub(crate) mod sys;
+pub(crate) mod systemd;
 pub(crate) mod tcp;
 pub(crate) mod timer;
 pub(crate) mod transparent;
@@ -60,8 +61,9 @@ struct Bound {
 
 /// Raises the open-file limit, binds every listener of `config` for each of
 /// its `threads` loops (or adopts `listen_fd`, docker's fd 4, for its single
-/// forward), calls `ready` once all are bound and every loop is set up, and
-/// relays until SIGINT or SIGTERM (or the drain's end).
+/// forward), calls `ready` once all are bound and every loop is set up
+/// (and tells systemd `READY=1` if NOTIFY_SOCKET is set), and relays until
+/// SIGINT or SIGTERM (or the drain's end).
 pub fn run(config: &Config, listen_fd: Option<OwnedFd>, ready: impl FnOnce()) -> Result<(), StartError> {
     let runtime = |what: &str| {
         let what = what.to_string();
@@ -154,6 +156,7 @@ pub fn run(config: &Config, listen_fd: Option<OwnedFd>, ready: impl FnOnce()) ->
         return Err(e);
     }
     ready();
+    systemd::notify("READY=1");
     let mut result = ev0.run().map_err(|e| StartError::Runtime(format!("event loop failed: {e}")));
     for w in workers {
         let r = w.join().unwrap_or_else(|_| Err(StartError::Runtime("an event loop thread panicked".into())));
