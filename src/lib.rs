@@ -61,7 +61,7 @@ struct Bound {
 
 /// Raises the open-file limit, binds every listener of `config` for each of
 /// its `threads` loops (or adopts `listen_fd`, docker's fd 4, for its single
-/// forward), calls `ready` once all are bound and every loop is set up
+/// forward, or the sockets systemd passed, for the forwards they match), calls `ready` once all are bound and every loop is set up
 /// (and tells systemd `READY=1` if NOTIFY_SOCKET is set), and relays until
 /// SIGINT or SIGTERM (or the drain's end).
 pub fn run(config: &Config, listen_fd: Option<OwnedFd>, ready: impl FnOnce()) -> Result<(), StartError> {
@@ -264,12 +264,22 @@ fn overlap(a: std::net::IpAddr, b: std::net::IpAddr, ipv6_only: bool) -> bool {
 
 /// Binds every forward's listening sockets for each of `n` loops: one socket
 /// per loop with SO_REUSEPORT when `n > 1`. Docker's inherited socket
-/// (`listen_fd`) is shared: a TCP one by every loop, with EPOLLEXCLUSIVE;
-/// a UDP one by loop 0 only.
+/// (`listen_fd`) and systemd's activated sockets, matched to forwards by
+/// address and protocol, are shared: a TCP one by every loop, with
+/// EPOLLEXCLUSIVE; a UDP one by loop 0 only. An activated socket no
+/// forward matches is closed with a warning.
 fn bind(config: &Config, listen_fd: Option<OwnedFd>, n: usize) -> Result<Vec<Bound>, StartError> {
     let runtime = |what: String| move |e: std::io::Error| StartError::Runtime(format!("{what}: {e}"));
     let mut bound: Vec<Bound> = (0..n).map(|_| Bound::default()).collect();
     let mut listen_fd = listen_fd;
+    // Socket activation: matched to forwards by address and protocol (docker's fd 4 wins).
+    let mut activated = if listen_fd.is_none() { systemd::activated_sockets()? } else { Vec::new() };
+    let mut take_activated = |f: &config::Forward, tcp: bool| {
+        let i = activated.iter().position(|s| s.tcp == tcp && s.addr == f.listen)?;
+        let s = activated.swap_remove(i);
+        log::info!("{} {}: the socket from systemd, {}", if tcp { "tcp" } else { "udp" }, f.listen, s.what);
+        Some(s.fd)
+    };
     let reuseport = n > 1;
     for (fi, f) in config.forwards.iter().enumerate() {
         // `[::]` is dual-stack unless --ipv6-only; any other IPv6 address is IPv6-only.
@@ -278,7 +288,7 @@ fn bind(config: &Config, listen_fd: Option<OwnedFd>, n: usize) -> Result<Vec<Bou
             _ => true,
         };
         if f.proto.tcp() {
-            if let Some(fd) = listen_fd.take() {
+            if let Some(fd) = listen_fd.take().or_else(|| take_activated(f, true)) {
                 for b in bound.iter_mut().skip(1) {
                     let dup = fd.try_clone().map_err(runtime(format!("cannot share tcp listener {}", f.listen)))?;
                     b.tcp.push((fi, dup, true));
@@ -293,7 +303,7 @@ fn bind(config: &Config, listen_fd: Option<OwnedFd>, n: usize) -> Result<Vec<Bou
             }
         }
         if f.proto.udp() {
-            if let Some(fd) = listen_fd.take() {
+            if let Some(fd) = listen_fd.take().or_else(|| take_activated(f, false)) {
                 bound[0].udp.push((fi, fd));
             } else {
                 for b in &mut bound {
@@ -303,6 +313,14 @@ fn bind(config: &Config, listen_fd: Option<OwnedFd>, n: usize) -> Result<Vec<Bou
                 }
             }
         }
+    }
+    for s in activated {
+        log::warn!(
+            "the socket from systemd {} ({} {}) matches no forward; closed",
+            s.what,
+            if s.tcp { "tcp" } else { "udp" },
+            s.addr
+        );
     }
     Ok(bound)
 }

@@ -1,8 +1,10 @@
-//! systemd's readiness protocol (`Type=notify`): one datagram, such as
-//! `READY=1`, to the unix socket named by `NOTIFY_SOCKET`.
+//! systemd: the readiness protocol (`Type=notify`: one datagram, such as
+//! `READY=1`, to the unix socket named by `NOTIFY_SOCKET`), and socket
+//! activation (listening sockets passed as fds 3.. with `LISTEN_FDS`).
 
 use std::ffi::OsStr;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
@@ -34,6 +36,61 @@ fn address(name: &[u8]) -> io::Result<SocketAddr> {
         [b'/', ..] => SocketAddr::from_pathname(OsStr::from_bytes(name)),
         _ => Err(io::Error::new(io::ErrorKind::InvalidInput, "not an absolute path or @abstract name")),
     }
+}
+
+/// A socket passed by socket activation.
+pub(crate) struct Activated {
+    /// The socket, non-blocking and close-on-exec.
+    pub(crate) fd: OwnedFd,
+    /// Its fd number and name (`LISTEN_FDNAMES`), for logs.
+    pub(crate) what: String,
+    /// The address it is bound to.
+    pub(crate) addr: std::net::SocketAddr,
+    /// A listening TCP socket (else UDP).
+    pub(crate) tcp: bool,
+}
+
+/// Most sockets taken from `LISTEN_FDS`.
+const MAX_LISTEN_FDS: u32 = 65_536;
+
+/// The sockets systemd passed to this process (`LISTEN_PID` is ours):
+/// fds 3 to 3 + `LISTEN_FDS` - 1, each a listening TCP or a UDP socket.
+/// None passed: empty. Anything else there is an error.
+pub(crate) fn activated_sockets() -> Result<Vec<Activated>, crate::config::StartError> {
+    use crate::config::StartError;
+    use nix::sys::socket::SockType;
+    let var = |name: &str| std::env::var(name).ok();
+    if var("LISTEN_PID").and_then(|p| p.parse::<u32>().ok()) != Some(std::process::id()) {
+        return Ok(Vec::new());
+    }
+    let fds = var("LISTEN_FDS");
+    let n = match fds.as_deref().map(str::parse::<u32>) {
+        Some(Ok(n)) if n <= MAX_LISTEN_FDS => n,
+        _ => {
+            let shown = fds.map_or("not set".into(), |v| crate::config::quote(&v));
+            return Err(StartError::Runtime(format!("LISTEN_FDS is {shown}, not a number of sockets")));
+        }
+    };
+    let names = var("LISTEN_FDNAMES").unwrap_or_default();
+    let mut names = names.split(':');
+    let mut out = Vec::new();
+    for raw in 3..3 + n as i32 {
+        let name = names.next().filter(|n| !n.is_empty()).unwrap_or("unknown");
+        let what = format!("fd {raw} ({})", crate::config::clip(name, 60).0);
+        let bad = |why: String| StartError::Runtime(format!("socket activation: {what} {why}"));
+        let fd = crate::sys::inherited_fd(raw).ok_or_else(|| bad("is not open".into()))?;
+        let tcp = match crate::sys::socket_kind(fd.as_fd()) {
+            Ok((SockType::Stream, true)) => true,
+            Ok((SockType::Stream, false)) => return Err(bad("is a TCP socket that is not listening".into())),
+            Ok((SockType::Datagram, _)) => false,
+            Ok((other, _)) => return Err(bad(format!("is a {other:?} socket, not TCP or UDP"))),
+            Err(e) => return Err(bad(format!("is not a usable socket: {e}"))),
+        };
+        let addr = crate::sys::local_addr(fd.as_fd()).map_err(|e| bad(format!("is not an IP socket: {e}")))?;
+        crate::sys::set_nonblocking_cloexec(fd.as_fd()).map_err(|e| bad(e.to_string()))?;
+        out.push(Activated { fd, what, addr, tcp });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The units in packaging/systemd/ pass `systemd-analyze verify` (with no
+//! The units in packaging/systemd/ (the example socket too) pass `systemd-analyze verify` (with no
 //! complaint at all), carry the hardening they promise, and the example
 //! config passes `--check`.
 mod common;
@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const UNITS: &[&str] = &["splice-relay.service", "splice-relay@.service"];
+
+/// Every unit file, the example socket included.
+const ALL_UNITS: &[&str] = &["splice-relay.service", "splice-relay@.service", "splice-relay.socket"];
 
 fn packaging() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging")
@@ -38,7 +41,7 @@ fn root() -> Root {
         .expect("systemd's own units (sysinit.target): apt-get install systemd");
     let copied = Command::new("cp").arg("-r").arg(system).arg(&lib).status().unwrap();
     assert!(copied.success(), "cp -r {system} {}", lib.display());
-    for unit in UNITS {
+    for unit in ALL_UNITS {
         std::fs::copy(packaging().join("systemd").join(unit), etc.join(unit)).unwrap();
     }
     root
@@ -52,7 +55,7 @@ fn units_pass_systemd_analyze_verify() {
         .arg("verify")
         .arg("--man=no")
         .arg(format!("--root={}", root.0.display()))
-        .args(["splice-relay.service", "splice-relay@example.service"])
+        .args(["splice-relay.service", "splice-relay@example.service", "splice-relay.socket"])
         .output()
         .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
