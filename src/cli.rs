@@ -347,6 +347,10 @@ impl Args {
             must_not_be_zero.iter().filter(|(is_zero, _)| *is_zero).map(|(_, msg)| StartError::Usage(msg.to_string())),
         );
         if !problems.is_empty() {
+            if all {
+                // The forwards that parsed can still overlap: say so in the same run.
+                problems.extend(crate::overlaps(&forwards, self.ipv6_only, self.metrics));
+            }
             return Err(problems);
         }
         let level = match (self.verbose as i32) - (self.quiet as i32) {

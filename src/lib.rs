@@ -185,7 +185,7 @@ fn check_transparent() -> Result<(), StartError> {
 /// share their clients: refuse them as the kernel refuses a second bind
 /// with one loop.
 fn check_overlaps(config: &Config) -> Result<(), StartError> {
-    match overlaps(config).into_iter().next() {
+    match overlaps(&config.forwards, config.ipv6_only, config.metrics).into_iter().next() {
         Some(e) => Err(e),
         None => Ok(()),
     }
@@ -193,8 +193,11 @@ fn check_overlaps(config: &Config) -> Result<(), StartError> {
 
 /// Every pair of forwards of one protocol whose listen addresses overlap,
 /// and a `--metrics` address that overlaps a TCP forward's.
-fn overlaps(config: &Config) -> Vec<StartError> {
-    let fw = &config.forwards;
+pub(crate) fn overlaps(
+    fw: &[config::Forward],
+    ipv6_only: bool,
+    metrics: Option<std::net::SocketAddr>,
+) -> Vec<StartError> {
     // Only forwards on one port can overlap: compare within each port.
     let mut by_port: std::collections::BTreeMap<u16, Vec<&config::Forward>> = Default::default();
     for f in fw {
@@ -209,7 +212,7 @@ fn overlaps(config: &Config) -> Vec<StartError> {
                     (_, true) => "udp",
                     _ => continue,
                 };
-                if overlap(a.listen.ip(), b.listen.ip(), config.ipv6_only) {
+                if overlap(a.listen.ip(), b.listen.ip(), ipv6_only) {
                     problems.push(StartError::Runtime(format!(
                         "cannot listen on {proto} {}: Address already in use (by the forward {})",
                         b.listen,
@@ -219,12 +222,12 @@ fn overlaps(config: &Config) -> Vec<StartError> {
             }
         }
     }
-    if let Some(m) = config.metrics {
+    if let Some(m) = metrics {
         let clash = by_port
             .get(&m.port())
             .into_iter()
             .flatten()
-            .find(|f| f.proto.tcp() && overlap(f.listen.ip(), m.ip(), config.ipv6_only));
+            .find(|f| f.proto.tcp() && overlap(f.listen.ip(), m.ip(), ipv6_only));
         if let Some(f) = clash {
             problems.push(StartError::Runtime(format!(
                 "cannot serve metrics on {m}: Address already in use (by the forward {})",
@@ -243,7 +246,7 @@ pub fn check(config: &Config) -> Vec<StartError> {
     if config.forwards.is_empty() {
         problems.push(StartError::Usage(NOTHING_TO_RELAY.into()));
     }
-    problems.extend(overlaps(config));
+    problems.extend(overlaps(&config.forwards, config.ipv6_only, config.metrics));
     problems
 }
 

@@ -57,12 +57,12 @@ fn good_config_is_ok_and_binds_nothing() {
 }
 
 /// A bad file: every bad line is named with its file and line, the option
-/// problems too, each on one line; exit 2 and nothing on stdout.
+/// problems and overlaps too, each on one line; exit 2 and nothing on stdout.
 #[test]
 fn bad_config_names_every_problem() {
     let conf = TempConf::new(
         "bad",
-        "127.0.0.1:1=\nbogus\n# fine\n127.0.0.1:3=127.0.0.1:4,deny=nope\n127.0.0.1:5=127.0.0.1:6\n",
+        "127.0.0.1:1=\nbogus\n# fine\n127.0.0.1:3=127.0.0.1:4,deny=nope\n127.0.0.1:5=127.0.0.1:6\n0.0.0.0:5=127.0.0.1:6\n",
     );
     let (code, out, err) = check(&["-c", conf.path(), "--udp-timeout", "0", "--udp-max-flows", "0"]);
     assert_eq!(code, 2, "{err}");
@@ -74,10 +74,16 @@ fn bad_config_names_every_problem() {
         (format!("{}:4: invalid forward", conf.path()), 2),
         ("--udp-max-flows must be at least 1".to_string(), 3),
         ("--udp-timeout must be more than 0".to_string(), 4),
+        // The lines that parsed are still checked for overlaps.
+        (
+            "cannot listen on tcp 0.0.0.0:5: Address already in use (by the forward \"127.0.0.1:5=127.0.0.1:6\")"
+                .to_string(),
+            5,
+        ),
     ] {
         assert!(lines.get(line).is_some_and(|l| l.contains(&want)), "line {line} is not {want:?}:\n{err}");
     }
-    assert_eq!(lines.len(), 5, "{err}");
+    assert_eq!(lines.len(), 6, "{err}");
     assert!(lines.iter().all(|l| l.starts_with("splice-relay: ")), "{err}");
 }
 
