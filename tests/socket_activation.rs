@@ -73,7 +73,8 @@ impl Drop for Activated {
 #[test]
 fn tcp_sockets_are_matched_by_address_and_named() {
     let backend = echo_server("127.0.0.1:0");
-    let (a, b, own) = (free_port(), free_port(), free_port());
+    let mut ports = Ports::default();
+    let (a, b, own) = (ports.pick(), ports.pick(), ports.pick());
     let r = Activated::start(
         &[format!("--listen=127.0.0.1:{b}"), format!("--listen=127.0.0.1:{a}"), "--fdname=bee:ay".into()],
         &argv([
@@ -121,7 +122,8 @@ fn udp_socket_is_taken() {
 #[test]
 fn an_unmatched_socket_is_a_warning() {
     let backend = echo_server("127.0.0.1:0");
-    let (passed, own) = (free_port(), free_port());
+    let mut ports = Ports::default();
+    let (passed, own) = (ports.pick(), ports.pick());
     let r = Activated::start(&[format!("--listen=127.0.0.1:{passed}")], &argv([&format!("127.0.0.1:{own}={backend}")]));
     assert!(wait_until(PATIENCE, || listening_on(passed)), "systemd-socket-activate not listening");
     // Starts the relay; this client is in a backlog nobody accepts from, and is dropped.
