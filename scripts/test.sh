@@ -5,28 +5,29 @@
 #   scripts/test.sh [CARGO TEST OPTIONS]     e.g. scripts/test.sh --no-fail-fast
 #
 # The end-to-end tests need python3, prlimit and setpriv (util-linux),
-# haproxy, ip (iproute2) and nft (nftables), and some need root. As root,
+# haproxy, ip (iproute2), nft (nftables) and systemd-analyze and
+# systemd-socket-activate (systemd), and some need root. As root,
 # this installs what is missing (apt-get install haproxy python3 util-linux
-# iproute2 nftables); otherwise it names what to
+# iproute2 nftables systemd); otherwise it names what to
 # install and exits 1. Then it runs `cargo test -- --include-ignored`,
 # leaving out the tests ignored as known relay bugs (see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for cmd in python3 prlimit setpriv haproxy ip nft; do
+for cmd in python3 prlimit setpriv haproxy ip nft systemd-analyze systemd-socket-activate; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "test.sh: missing ${missing[*]}: run as root to install them, or install them yourself:" >&2
-    echo "  apt-get install -y --no-install-recommends haproxy python3 util-linux iproute2 nftables" >&2
+    echo "  apt-get install -y --no-install-recommends haproxy python3 util-linux iproute2 nftables systemd" >&2
     exit 1
   fi
-  echo "test.sh: installing haproxy python3 util-linux iproute2 nftables (missing: ${missing[*]})"
+  echo "test.sh: installing haproxy python3 util-linux iproute2 nftables systemd (missing: ${missing[*]})"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends haproxy python3 util-linux iproute2 nftables >/dev/null
+  apt-get install -y -qq --no-install-recommends haproxy python3 util-linux iproute2 nftables systemd >/dev/null
 fi
 if [ "$(id -u)" -ne 0 ]; then
   echo "test.sh: not root: the tests that need root will fail (run as root)" >&2

@@ -1,4 +1,5 @@
-//! Address ranges (`10.0.0.0/8`, `::1/128`, or a bare address) for trusted proxies.
+//! Address ranges (`10.0.0.0/8`, `::1/128`, or a bare address) for trusted
+//! proxies and access lists.
 
 use std::net::IpAddr;
 
@@ -41,6 +42,46 @@ impl Cidr {
     }
 }
 
+/// Parses `CIDR<sep>CIDR...` (empty entries skipped; at least one needed).
+pub fn parse_list(list: &str, sep: char) -> Result<Vec<Cidr>, String> {
+    let nets = list
+        .split(sep)
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| match crate::config::clip(p.trim(), 60) {
+            (_, false) => Cidr::parse(p),
+            (_, true) => Err(format!("{} is not an address or CIDR range", crate::config::quote(p.trim()))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if nets.is_empty() {
+        return Err("expected at least one address or CIDR range".into());
+    }
+    Ok(nets)
+}
+
+/// Which sources may use a forward, as HAProxy and nginx read such lists:
+/// a source in `deny` is refused; with an `allow` list, a source must be
+/// in it. `None` is no list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    /// Only these sources (None: every source not denied).
+    pub allow: Option<Vec<Cidr>>,
+    /// Never these sources.
+    pub deny: Option<Vec<Cidr>>,
+}
+
+impl Access {
+    /// True if `ip` may use the forward.
+    pub fn admits(&self, ip: IpAddr) -> bool {
+        let any = |nets: &Option<Vec<Cidr>>| nets.as_ref().map(|n| n.iter().any(|c| c.contains(ip)));
+        any(&self.deny) != Some(true) && any(&self.allow) != Some(false)
+    }
+
+    /// True if no list is set (every source admitted, nothing checked).
+    pub fn is_open(&self) -> bool {
+        self.allow.is_none() && self.deny.is_none()
+    }
+}
+
 fn prefix_eq(a: u128, b: u128, bits: u32, prefix: u8) -> bool {
     let shift = bits - u32::from(prefix);
     shift >= bits || (a >> shift) == (b >> shift)
@@ -63,5 +104,22 @@ mod tests {
         assert!(!Cidr::parse("::1").unwrap().contains(ip("127.0.0.1")));
         assert!(Cidr::parse("127.0.0.1/33").is_err());
         assert!(Cidr::parse("nope").is_err());
+    }
+
+    #[test]
+    fn deny_wins_and_an_allow_list_must_match() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let list = |s: &str| Some(parse_list(s, '+').unwrap());
+        let open = Access::default();
+        assert!(open.is_open() && open.admits(ip("1.2.3.4")));
+        let allow = Access { allow: list("10.0.0.0/8+::1"), deny: None };
+        assert!(allow.admits(ip("10.9.9.9")) && allow.admits(ip("::1")) && allow.admits(ip("::ffff:10.0.0.1")));
+        assert!(!allow.admits(ip("127.0.0.1")));
+        let both = Access { allow: list("10.0.0.0/8"), deny: list("10.0.0.2") };
+        assert!(both.admits(ip("10.0.0.1")) && !both.admits(ip("10.0.0.2")));
+        let deny = Access { allow: None, deny: list("127.0.0.2/32") };
+        assert!(deny.admits(ip("127.0.0.1")) && !deny.admits(ip("127.0.0.2")));
+        assert!(parse_list("+", '+').is_err());
+        assert!(parse_list("10.0.0.0/8+nope", '+').unwrap_err().contains("nope"));
     }
 }

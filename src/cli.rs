@@ -129,6 +129,14 @@ pub struct Args {
     /// Sources allowed to send a PROXY header: CIDR,CIDR,...
     #[arg(long, value_name = "CIDRS")]
     pub trusted_proxies: Option<String>,
+    /// Only these sources may use a forward: CIDR,CIDR,... (a forward's own
+    /// ,allow= replaces it). On accept-proxy forwards, the PROXY header's address.
+    #[arg(long, value_name = "CIDRS")]
+    pub allow: Option<String>,
+    /// These sources may not use a forward, even if allowed: CIDR,CIDR,...
+    /// (a forward's own ,deny= replaces it).
+    #[arg(long, value_name = "CIDRS")]
+    pub deny: Option<String>,
     /// Bound on reading a client's PROXY header.
     #[arg(
         long,
@@ -148,6 +156,11 @@ pub struct Args {
     /// process may run on, which respects taskset and cgroup cpusets).
     #[arg(long, value_name = "N|auto", default_value = "1", value_parser = parse_threads)]
     pub threads: usize,
+    /// Check the configuration and exit: parse and validate everything
+    /// (syntax, host names, overlapping listen addresses, option ranges),
+    /// bind nothing, print each problem; exit 0 if none, else 2.
+    #[arg(long)]
+    pub check: bool,
     /// More logging (-v debug, -vv trace).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -224,6 +237,9 @@ pub struct Config {
     pub(crate) udp: UdpSettings,
     /// Loop settings.
     pub(crate) event_loop: LoopSettings,
+    /// `--allow` and `--deny`, already applied to `forwards` (docker mode
+    /// applies them to its one forward).
+    pub access: crate::cidr::Access,
     /// Metrics endpoint.
     pub metrics: Option<SocketAddr>,
     /// Event loops (threads).
@@ -253,12 +269,39 @@ impl Args {
     /// Turns the arguments into a config: reads config files, expands
     /// ranges, resolves host names, applies global options.
     pub fn into_config(self, resolve: Resolver<'_>) -> Result<Config, StartError> {
+        self.into_config_all(resolve, false).map_err(|mut problems| problems.swap_remove(0))
+    }
+
+    /// Like [`Args::into_config`], for `--check`: every problem it finds
+    /// (each bad line of each config file, each bad FORWARD, each bad
+    /// option), not only the first.
+    pub fn check_config(self, resolve: Resolver<'_>) -> Result<Config, Vec<StartError>> {
+        self.into_config_all(resolve, true)
+    }
+
+    /// The config, or the problems found: all of them if `all`, else the first.
+    fn into_config_all(self, resolve: Resolver<'_>, all: bool) -> Result<Config, Vec<StartError>> {
+        let mut problems = Vec::new();
         let mut forwards = Vec::new();
         for path in &self.config {
-            forwards.extend(config::parse_config(path, &read_config_file(path)?, resolve)?);
+            match read_config_file(path) {
+                Ok(bytes) => {
+                    let (found, bad) = config::parse_config_all(path, &bytes, resolve, all);
+                    forwards.extend(found);
+                    problems.extend(bad);
+                }
+                Err(e) => problems.push(e),
+            }
+            if !all && !problems.is_empty() {
+                return Err(problems);
+            }
         }
         for f in &self.forwards {
-            forwards.extend(config::parse_forward(f, resolve)?);
+            match config::parse_forward(f, resolve) {
+                Ok(found) => forwards.extend(found),
+                Err(e) if all => problems.push(e),
+                Err(e) => return Err(vec![e]),
+            }
         }
         for f in &mut forwards {
             f.send_proxy = f.send_proxy.or(self.send_proxy);
@@ -267,17 +310,26 @@ impl Args {
                 f.transparent = f.transparent.or(Some(config::Transparent::Address));
             }
         }
-        let trusted = match &self.trusted_proxies {
-            Some(s) => trusted_proxies(s)?,
-            None => Vec::new(),
-        };
-        if forwards.iter().any(|f| f.accept_proxy) && trusted.is_empty() {
-            return Err(StartError::Usage(
+        let mut ok = |r: Result<_, StartError>| r.map_err(|e| problems.push(e)).ok();
+        let allow = ok(cidr_list("--allow", self.allow.as_deref())).flatten();
+        let deny = ok(cidr_list("--deny", self.deny.as_deref())).flatten();
+        // None: --trusted-proxies is wrong, and said so already.
+        let trusted = ok(trusted_proxies(self.trusted_proxies.as_deref().unwrap_or_default()).map(Some)).flatten();
+        for f in &mut forwards {
+            if f.access.allow.is_none() {
+                f.access.allow = allow.clone();
+            }
+            if f.access.deny.is_none() {
+                f.access.deny = deny.clone();
+            }
+        }
+        if forwards.iter().any(|f| f.accept_proxy) && trusted.as_ref().is_some_and(Vec::is_empty) {
+            problems.push(StartError::Usage(
                 "accept-proxy needs --trusted-proxies (e.g. 10.0.0.0/8; 0.0.0.0/0,::/0 trusts everyone)".into(),
             ));
         }
         if self.udp_max_flows == 0 {
-            return Err(StartError::Usage("--udp-max-flows must be at least 1".into()));
+            problems.push(StartError::Usage("--udp-max-flows must be at least 1".into()));
         }
         // 0 turns --idle-timeout, --half-close-timeout and --drain-timeout off;
         // for these it would mean "at once", over and over.
@@ -291,8 +343,15 @@ impl Args {
                 "--stats-interval must be more than 0 (leave it out to log only on SIGUSR1)",
             ),
         ];
-        if let Some((_, msg)) = must_not_be_zero.iter().find(|(is_zero, _)| *is_zero) {
-            return Err(StartError::Usage(msg.to_string()));
+        problems.extend(
+            must_not_be_zero.iter().filter(|(is_zero, _)| *is_zero).map(|(_, msg)| StartError::Usage(msg.to_string())),
+        );
+        if !problems.is_empty() {
+            if all {
+                // The forwards that parsed can still overlap: say so in the same run.
+                problems.extend(crate::overlaps(&forwards, self.ipv6_only, self.metrics));
+            }
+            return Err(problems);
         }
         let level = match (self.verbose as i32) - (self.quiet as i32) {
             i32::MIN..=-2 => log::LevelFilter::Error,
@@ -317,7 +376,7 @@ impl Args {
                 splice: !self.no_splice,
                 pipe_size: self.pipe_size.unwrap_or(DEFAULT_PIPE_SIZE),
                 pipe_spare: 32,
-                trusted,
+                trusted: trusted.unwrap_or_default(),
             },
             udp: UdpSettings {
                 timeout: self.udp_timeout,
@@ -326,6 +385,7 @@ impl Args {
                 rcvbuf: self.udp_rcvbuf,
             },
             event_loop: LoopSettings { drain_timeout: self.drain_timeout, stats_interval: self.stats_interval },
+            access: crate::cidr::Access { allow, deny },
             metrics: self.metrics,
             threads: self.threads,
             log_level: level,
@@ -356,16 +416,15 @@ fn read_config_file(path: &str) -> Result<Vec<u8>, StartError> {
 /// Parses --trusted-proxies. An entry longer than any address can be
 /// is named cut short instead of whole.
 fn trusted_proxies(list: &str) -> Result<Vec<crate::cidr::Cidr>, StartError> {
-    let usage = |msg: String| StartError::Usage(format!("--trusted-proxies: {msg}"));
-    list.split(',')
-        .filter(|p| !p.trim().is_empty())
-        .map(|p| {
-            crate::cidr::Cidr::parse(p).map_err(|e| match config::clip(p.trim(), 60) {
-                (_, false) => usage(e),
-                (_, true) => usage(format!("{} is not an address or CIDR range", config::quote(p.trim()))),
-            })
-        })
-        .collect()
+    if list.split(',').all(|p| p.trim().is_empty()) {
+        return Ok(Vec::new());
+    }
+    cidr_list("--trusted-proxies", Some(list)).map(Option::unwrap_or_default)
+}
+
+/// Parses a comma-separated list of CIDR ranges given to `option`.
+fn cidr_list(option: &str, list: Option<&str>) -> Result<Option<Vec<crate::cidr::Cidr>>, StartError> {
+    list.map(|l| crate::cidr::parse_list(l, ',').map_err(|e| StartError::Usage(format!("{option}: {e}")))).transpose()
 }
 
 #[cfg(test)]

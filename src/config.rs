@@ -57,6 +57,8 @@ pub struct Forward {
     pub accept_proxy: bool,
     /// Connect to the target from the client's own address.
     pub transparent: Option<Transparent>,
+    /// Which sources may use it (`,allow=`, `,deny=`; else `--allow`, `--deny`).
+    pub access: crate::cidr::Access,
     /// The text this forward came from, for logs and statistics.
     pub spec: String,
 }
@@ -80,6 +82,7 @@ impl Forward {
             send_proxy: self.send_proxy,
             accept_proxy: self.accept_proxy,
             transparent: self.transparent,
+            access: self.access.clone(),
         }
     }
 }
@@ -187,8 +190,14 @@ pub fn parse_forward(text: &str, resolve: Resolver<'_>) -> Result<Vec<Forward>, 
     let mut send_proxy = None;
     let mut accept_proxy = false;
     let mut transparent = None;
+    let mut access = crate::cidr::Access::default();
     for opt in parts {
+        let list = |name: &str, value: &str| {
+            crate::cidr::parse_list(value, '+').map(Some).map_err(|e| usage(format!("{name}: {e}")))
+        };
         match opt {
+            _ if opt.starts_with("allow=") => access.allow = list("allow", &opt["allow=".len()..])?,
+            _ if opt.starts_with("deny=") => access.deny = list("deny", &opt["deny=".len()..])?,
             "send-proxy=v1" => send_proxy = Some(Version::V1),
             "send-proxy=v2" => send_proxy = Some(Version::V2),
             "accept-proxy" => accept_proxy = true,
@@ -196,8 +205,8 @@ pub fn parse_forward(text: &str, resolve: Resolver<'_>) -> Result<Vec<Forward>, 
             "transparent=port" => transparent = Some(Transparent::AddressAndPort),
             _ => {
                 return Err(usage(format!(
-                    "unknown option {} (expected send-proxy=v1, send-proxy=v2, accept-proxy, transparent \
-                     or transparent=port)",
+                    "unknown option {} (expected send-proxy=v1, send-proxy=v2, accept-proxy, transparent, \
+                     transparent=port, allow=CIDR+CIDR or deny=CIDR+CIDR)",
                     quote(opt)
                 )));
             }
@@ -218,6 +227,7 @@ pub fn parse_forward(text: &str, resolve: Resolver<'_>) -> Result<Vec<Forward>, 
             send_proxy,
             accept_proxy,
             transparent,
+            access: access.clone(),
             spec: spec.to_string(),
         })
         .collect())
@@ -271,21 +281,37 @@ fn parse_ports(s: &str) -> Result<(u16, u16), String> {
 /// Parses a config file: one FORWARD per line of UTF-8 text, blank lines
 /// and `#` comments allowed. Errors name the file and line.
 pub fn parse_config(name: &str, bytes: &[u8], resolve: Resolver<'_>) -> Result<Vec<Forward>, StartError> {
+    let (forwards, mut problems) = parse_config_all(name, bytes, resolve, false);
+    match problems.is_empty() {
+        true => Ok(forwards),
+        false => Err(problems.swap_remove(0)),
+    }
+}
+
+/// Parses a config file's forwards, and the bad lines (each `FILE:LINE:
+/// reason`): all of them if `all` (for `--check`), else up to the first.
+pub fn parse_config_all(name: &str, bytes: &[u8], resolve: Resolver<'_>, all: bool) -> (Vec<Forward>, Vec<StartError>) {
     let mut out = Vec::new();
+    let mut problems = Vec::new();
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        let line =
-            std::str::from_utf8(line).map_err(|_| StartError::Usage(format!("{name}:{}: not UTF-8 text", i + 1)))?;
+        if !all && !problems.is_empty() {
+            break;
+        }
+        let Ok(line) = std::str::from_utf8(line) else {
+            problems.push(StartError::Usage(format!("{name}:{}: not UTF-8 text", i + 1)));
+            continue;
+        };
         let line = line.split('#').next().unwrap_or_default().trim();
         if line.is_empty() {
             continue;
         }
-        let fwd = parse_forward(line, resolve).map_err(|e| match e {
-            StartError::Usage(m) => StartError::Usage(format!("{name}:{}: {m}", i + 1)),
-            StartError::Runtime(m) => StartError::Runtime(format!("{name}:{}: {m}", i + 1)),
-        })?;
-        out.extend(fwd);
+        match parse_forward(line, resolve) {
+            Ok(fwd) => out.extend(fwd),
+            Err(StartError::Usage(m)) => problems.push(StartError::Usage(format!("{name}:{}: {m}", i + 1))),
+            Err(StartError::Runtime(m)) => problems.push(StartError::Runtime(format!("{name}:{}: {m}", i + 1))),
+        }
     }
-    Ok(out)
+    (out, problems)
 }
 
 /// The longest duration an option takes: 3650 days (about 10 years), far
@@ -384,6 +410,12 @@ mod tests {
         let f = one("udp:[::]:1=[fd00::2]:1,send-proxy=v2,transparent=port");
         assert_eq!(f.transparent, Some(Transparent::AddressAndPort));
         assert!(err("127.0.0.1:1=127.0.0.1:2,transparent=yes").contains("transparent=port"));
+        let f = one("127.0.0.1:1=127.0.0.1:2,allow=10.0.0.0/8+::1,deny=10.0.0.1");
+        assert_eq!(f.access.allow.as_ref().map(Vec::len), Some(2));
+        assert_eq!(f.access.deny, Some(vec![crate::cidr::Cidr::parse("10.0.0.1").unwrap()]));
+        assert!(one("127.0.0.1:1=127.0.0.1:2").access.is_open());
+        assert!(err("127.0.0.1:1=127.0.0.1:2,deny=10.0.0.0/40").contains("deny: "));
+        assert!(err("127.0.0.1:1=127.0.0.1:2,allow=").contains("allow: expected at least one"));
     }
 
     #[test]

@@ -166,6 +166,7 @@ pub fn forward(
         send_proxy,
         accept_proxy: false,
         transparent: None,
+        access: Default::default(),
         spec: format!("{}:{host_ip}:{host_port}={container_ip}:{container_port}", a.proto),
     })
 }

@@ -339,8 +339,12 @@ fn on_signals(
             Ok(sig) => {
                 if *draining || settings.drain_timeout.is_zero() {
                     log::info!("{sig}: exiting");
+                    if !*draining {
+                        crate::systemd::notify("STOPPING=1");
+                    }
                     stop = true;
                 } else {
+                    crate::systemd::notify("STOPPING=1");
                     let (v, threads) = totals(tcp, udp, shared, 0);
                     let open: u64 = threads.iter().map(|p| p.open).sum();
                     drop(v);

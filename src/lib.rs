@@ -27,6 +27,7 @@ pub(crate) mod shared;
 pub(crate) mod slab;
 pub(crate) mod stats;
 pub(crate) mod sys;
+pub(crate) mod systemd;
 pub(crate) mod tcp;
 pub(crate) mod timer;
 pub(crate) mod transparent;
@@ -60,8 +61,9 @@ struct Bound {
 
 /// Raises the open-file limit, binds every listener of `config` for each of
 /// its `threads` loops (or adopts `listen_fd`, docker's fd 4, for its single
-/// forward), calls `ready` once all are bound and every loop is set up, and
-/// relays until SIGINT or SIGTERM (or the drain's end).
+/// forward, or the sockets systemd passed, for the forwards they match), calls `ready` once all are bound and every loop is set up
+/// (and tells systemd `READY=1` if NOTIFY_SOCKET is set), and relays until
+/// SIGINT or SIGTERM (or the drain's end).
 pub fn run(config: &Config, listen_fd: Option<OwnedFd>, ready: impl FnOnce()) -> Result<(), StartError> {
     let runtime = |what: &str| {
         let what = what.to_string();
@@ -154,6 +156,7 @@ pub fn run(config: &Config, listen_fd: Option<OwnedFd>, ready: impl FnOnce()) ->
         return Err(e);
     }
     ready();
+    systemd::notify("READY=1");
     let mut result = ev0.run().map_err(|e| StartError::Runtime(format!("event loop failed: {e}")));
     for w in workers {
         let r = w.join().unwrap_or_else(|_| Err(StartError::Runtime("an event loop thread panicked".into())));
@@ -182,25 +185,73 @@ fn check_transparent() -> Result<(), StartError> {
 /// share their clients: refuse them as the kernel refuses a second bind
 /// with one loop.
 fn check_overlaps(config: &Config) -> Result<(), StartError> {
-    let fw = &config.forwards;
-    for (i, a) in fw.iter().enumerate() {
-        for b in &fw[i + 1..] {
-            let proto = match (a.proto.tcp() && b.proto.tcp(), a.proto.udp() && b.proto.udp()) {
-                (true, _) => "tcp",
-                (_, true) => "udp",
-                _ => continue,
-            };
-            if a.listen.port() == b.listen.port() && overlap(a.listen.ip(), b.listen.ip(), config.ipv6_only) {
-                return Err(StartError::Runtime(format!(
-                    "cannot listen on {proto} {}: Address already in use (by the forward {})",
-                    b.listen,
-                    config::quote(&a.spec)
-                )));
+    match overlaps(&config.forwards, config.ipv6_only, config.metrics).into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Every pair of forwards of one protocol whose listen addresses overlap,
+/// and a `--metrics` address that overlaps a TCP forward's.
+pub(crate) fn overlaps(
+    fw: &[config::Forward],
+    ipv6_only: bool,
+    metrics: Option<std::net::SocketAddr>,
+) -> Vec<StartError> {
+    // Only forwards on one port can overlap: compare within each port.
+    let mut by_port: std::collections::BTreeMap<u16, Vec<&config::Forward>> = Default::default();
+    for f in fw {
+        by_port.entry(f.listen.port()).or_default().push(f);
+    }
+    let mut problems = Vec::new();
+    for same_port in by_port.values() {
+        for (i, a) in same_port.iter().enumerate() {
+            for b in &same_port[i + 1..] {
+                let proto = match (a.proto.tcp() && b.proto.tcp(), a.proto.udp() && b.proto.udp()) {
+                    (true, _) => "tcp",
+                    (_, true) => "udp",
+                    _ => continue,
+                };
+                if overlap(a.listen.ip(), b.listen.ip(), ipv6_only) {
+                    problems.push(StartError::Runtime(format!(
+                        "cannot listen on {proto} {}: Address already in use (by the forward {})",
+                        b.listen,
+                        config::quote(&a.spec)
+                    )));
+                }
             }
         }
     }
-    Ok(())
+    if let Some(m) = metrics {
+        let clash = by_port
+            .get(&m.port())
+            .into_iter()
+            .flatten()
+            .find(|f| f.proto.tcp() && overlap(f.listen.ip(), m.ip(), ipv6_only));
+        if let Some(f) = clash {
+            problems.push(StartError::Runtime(format!(
+                "cannot serve metrics on {m}: Address already in use (by the forward {})",
+                config::quote(&f.spec)
+            )));
+        }
+    }
+    problems
 }
+
+/// `--check`: what [`run`] would refuse before binding, found without
+/// binding anything: no forward, and overlapping listen addresses (for
+/// any `--threads`, and `--metrics` against TCP forwards).
+pub fn check(config: &Config) -> Vec<StartError> {
+    let mut problems = Vec::new();
+    if config.forwards.is_empty() {
+        problems.push(StartError::Usage(NOTHING_TO_RELAY.into()));
+    }
+    problems.extend(overlaps(&config.forwards, config.ipv6_only, config.metrics));
+    problems
+}
+
+/// The error for a command line with no forward.
+pub const NOTHING_TO_RELAY: &str = "nothing to relay: give at least one FORWARD or --config FILE (see --help)";
 
 /// True if sockets bound to `a` and `b` (same port) would take the same clients.
 fn overlap(a: std::net::IpAddr, b: std::net::IpAddr, ipv6_only: bool) -> bool {
@@ -216,12 +267,22 @@ fn overlap(a: std::net::IpAddr, b: std::net::IpAddr, ipv6_only: bool) -> bool {
 
 /// Binds every forward's listening sockets for each of `n` loops: one socket
 /// per loop with SO_REUSEPORT when `n > 1`. Docker's inherited socket
-/// (`listen_fd`) is shared: a TCP one by every loop, with EPOLLEXCLUSIVE;
-/// a UDP one by loop 0 only.
+/// (`listen_fd`) and systemd's activated sockets, matched to forwards by
+/// address and protocol, are shared: a TCP one by every loop, with
+/// EPOLLEXCLUSIVE; a UDP one by loop 0 only. An activated socket no
+/// forward matches is closed with a warning.
 fn bind(config: &Config, listen_fd: Option<OwnedFd>, n: usize) -> Result<Vec<Bound>, StartError> {
     let runtime = |what: String| move |e: std::io::Error| StartError::Runtime(format!("{what}: {e}"));
     let mut bound: Vec<Bound> = (0..n).map(|_| Bound::default()).collect();
     let mut listen_fd = listen_fd;
+    // Socket activation: matched to forwards by address and protocol (docker's fd 4 wins).
+    let mut activated = if listen_fd.is_none() { systemd::activated_sockets()? } else { Vec::new() };
+    let mut take_activated = |f: &config::Forward, tcp: bool| {
+        let i = activated.iter().position(|s| s.tcp == tcp && s.addr == f.listen)?;
+        let s = activated.swap_remove(i);
+        log::info!("{} {}: the socket from systemd, {}", if tcp { "tcp" } else { "udp" }, f.listen, s.what);
+        Some(s.fd)
+    };
     let reuseport = n > 1;
     for (fi, f) in config.forwards.iter().enumerate() {
         // `[::]` is dual-stack unless --ipv6-only; any other IPv6 address is IPv6-only.
@@ -230,7 +291,7 @@ fn bind(config: &Config, listen_fd: Option<OwnedFd>, n: usize) -> Result<Vec<Bou
             _ => true,
         };
         if f.proto.tcp() {
-            if let Some(fd) = listen_fd.take() {
+            if let Some(fd) = listen_fd.take().or_else(|| take_activated(f, true)) {
                 for b in bound.iter_mut().skip(1) {
                     let dup = fd.try_clone().map_err(runtime(format!("cannot share tcp listener {}", f.listen)))?;
                     b.tcp.push((fi, dup, true));
@@ -245,7 +306,7 @@ fn bind(config: &Config, listen_fd: Option<OwnedFd>, n: usize) -> Result<Vec<Bou
             }
         }
         if f.proto.udp() {
-            if let Some(fd) = listen_fd.take() {
+            if let Some(fd) = listen_fd.take().or_else(|| take_activated(f, false)) {
                 bound[0].udp.push((fi, fd));
             } else {
                 for b in &mut bound {
@@ -255,6 +316,14 @@ fn bind(config: &Config, listen_fd: Option<OwnedFd>, n: usize) -> Result<Vec<Bou
                 }
             }
         }
+    }
+    for s in activated {
+        log::warn!(
+            "the socket from systemd {} ({} {}) matches no forward; closed",
+            s.what,
+            if s.tcp { "tcp" } else { "udp" },
+            s.addr
+        );
     }
     Ok(bound)
 }
@@ -300,7 +369,14 @@ fn setup_parts(
     for (fi, fd) in bound.udp {
         let f = &forwards[fi];
         ev.udp
-            .add_listener(std::net::UdpSocket::from(fd), f.target, f.send_proxy, f.transparent, &registry)
+            .add_listener(
+                std::net::UdpSocket::from(fd),
+                f.target,
+                f.send_proxy,
+                f.transparent,
+                f.access.clone(),
+                &registry,
+            )
             .map_err(runtime(format!("cannot use udp socket {}", f.listen)))?;
     }
     Ok(ev)

@@ -33,11 +33,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.check {
+        return check_main(args);
+    }
     let result = args.into_config(&system_resolver).and_then(|config| {
         if config.forwards.is_empty() {
-            return Err(StartError::Usage(
-                "nothing to relay: give at least one FORWARD or --config FILE (see --help)".into(),
-            ));
+            return Err(StartError::Usage(splice_relay::NOTHING_TO_RELAY.into()));
         }
         splice_relay::logging::init(config.log_level, None);
         splice_relay::run(&config, None, || {})
@@ -50,6 +51,26 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code() as u8)
         }
     }
+}
+
+/// `--check`: every problem found, one line each on stderr, and exit 2;
+/// or one line on stdout and exit 0. Nothing is bound.
+fn check_main(args: Args) -> ExitCode {
+    let problems = match args.check_config(&system_resolver) {
+        Ok(config) => {
+            let problems = splice_relay::check(&config);
+            if problems.is_empty() {
+                println!("splice-relay: configuration OK ({} forwards)", config.forwards.len());
+                return ExitCode::SUCCESS;
+            }
+            problems
+        }
+        Err(problems) => problems,
+    };
+    for p in problems {
+        eprintln!("splice-relay: {p}");
+    }
+    ExitCode::from(2)
 }
 
 /// The arguments as text, or an error naming the first that is not UTF-8.
@@ -93,6 +114,7 @@ fn docker_main(args: &[String]) -> ExitCode {
         splice_relay::logging::init(config.log_level, std::env::var_os("SPLICE_RELAY_LOG"));
         let mut forward = docker::forward(&flags, send_proxy, ports.as_deref())?;
         forward.transparent = transparent;
+        forward.access = config.access.clone();
         let listen_fd = if flags.use_listen_fd { Some(docker::listen_fd(&forward)?) } else { None };
         config.forwards = vec![forward];
         // Docker binds IPv6 host addresses IPv6-only, [::] included.

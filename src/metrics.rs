@@ -59,8 +59,14 @@ const TCP_STATS: &[Stat<TcpRelay>] = &[
     Stat {
         name: "tcp_connections_refused_total",
         kind: "counter",
-        help: "TCP clients refused (untrusted PROXY sender, per-source limit).",
+        help: "TCP clients refused (untrusted PROXY sender, per-source limit, access lists).",
         series: one!("refused", |t, i| t.listeners[i].stats.refused),
+    },
+    Stat {
+        name: "tcp_connections_denied_total",
+        kind: "counter",
+        help: "TCP clients refused by the access lists (also counted as refused).",
+        series: one!("denied", |t, i| t.listeners[i].stats.denied),
     },
     Stat {
         name: "tcp_connect_failures_total",
@@ -175,12 +181,14 @@ const UDP_STATS: &[Stat<UdpRelay>] = &[
         kind: "counter",
         help: "UDP datagrams received but not sent, by reason: truncated (larger than the 64 KiB buffer), \
                no_flow (no flow socket could be opened), send_error (the send failed, e.g. EMSGSIZE: \
-               too large for the other side's address family), send_buffer_full (EAGAIN).",
+               too large for the other side's address family), send_buffer_full (EAGAIN), denied (the client \
+               is not allowed by the access lists).",
         series: &[
             dropped!(up, Truncated, "truncated"),
             dropped!(up, NoFlow, "no_flow"),
             dropped!(up, SendError, "send_error"),
             dropped!(up, SendBufferFull, "send_buffer_full"),
+            dropped!(up, Denied, "denied"),
             dropped!(down, Truncated, "truncated"),
             dropped!(down, SendError, "send_error"),
             dropped!(down, SendBufferFull, "send_buffer_full"),

@@ -7,8 +7,10 @@ pub struct TcpStats {
     pub open: u64,
     /// Connections accepted since start.
     pub total: u64,
-    /// Clients turned away (untrusted proxy, per-source limit).
+    /// Clients turned away (untrusted proxy, per-source limit, access lists).
     pub refused: u64,
+    /// Of those, the clients the access lists turned away.
+    pub denied: u64,
     /// Backend connects that failed or timed out.
     pub failed: u64,
     /// Backend connects made from the client's address (`--transparent`).
@@ -35,6 +37,8 @@ pub enum DropReason {
     SendError = 2,
     /// The socket's send buffer was full (EAGAIN).
     SendBufferFull = 3,
+    /// The client is not allowed by the access lists.
+    Denied = 4,
 }
 
 /// UDP counters of one direction of one listener. Every datagram received
@@ -49,7 +53,7 @@ pub struct UdpDirStats {
     /// Payload bytes of the datagrams sent (a PROXY header not included).
     pub bytes_sent: u64,
     /// Datagrams dropped, by `DropReason as usize`.
-    pub dropped: [u64; 4],
+    pub dropped: [u64; 5],
 }
 
 impl UdpDirStats {

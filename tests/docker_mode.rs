@@ -598,3 +598,22 @@ fn splice_relay_opts_are_honoured() {
     assert!(text.contains("--bogus"), "handshake: {text:?}");
     assert_eq!(d.command("wait"), "1");
 }
+
+/// `--allow` / `--deny` in SPLICE_RELAY_OPTS apply to docker mode's forward.
+#[test]
+fn splice_relay_opts_access_lists_apply() {
+    let backend = echo_server("127.0.0.1:0");
+    let (mut d, port) = Dockerd::start_on_free_port(None, &[("SPLICE_RELAY_OPTS", "--allow 10.0.0.0/8")], |port| {
+        (ListenFd::None, docker_args("tcp", "127.0.0.1", port, "127.0.0.1", backend.port()))
+    });
+    assert_eq!(d.handshake, b"0\n", "handshake: {:?}", d.handshake_text());
+    assert!(refused(&format!("127.0.0.1:{port}"), b"hello"), "127.0.0.1 not refused by --allow 10.0.0.0/8");
+    assert_eq!(d.command("int"), "0");
+    let (mut d, port) =
+        Dockerd::start_on_free_port(None, &[("SPLICE_RELAY_OPTS", "--allow 127.0.0.0/8 --deny 10.0.0.1")], |port| {
+            (ListenFd::None, docker_args("tcp", "127.0.0.1", port, "127.0.0.1", backend.port()))
+        });
+    assert_eq!(d.handshake, b"0\n", "handshake: {:?}", d.handshake_text());
+    tcp_echo_through(&format!("127.0.0.1:{port}"), 7);
+    assert_eq!(d.command("int"), "0");
+}

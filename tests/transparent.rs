@@ -268,8 +268,8 @@ fn tcp_backend_sees_the_client_address_ipv4_and_ipv6_and_port_with_eq_port() {
         }
     }
     r.signal(SIGUSR1);
-    r.expect_log(&format!("stats tcp {RELAY4}:{p4} -> {BACKEND4}:{BACKEND_PORT}: open 0 total 1 refused 0 failed 0 transparent 1 transparent_fallbacks 0"));
-    r.expect_log(&format!("stats tcp [::]:{pport} -> {BACKEND4}:{BACKEND_PORT}: open 0 total 1 refused 0 failed 0 transparent 1 transparent_fallbacks 0"));
+    r.expect_log(&format!("stats tcp {RELAY4}:{p4} -> {BACKEND4}:{BACKEND_PORT}: open 0 total 1 refused 0 denied 0 failed 0 transparent 1 transparent_fallbacks 0"));
+    r.expect_log(&format!("stats tcp [::]:{pport} -> {BACKEND4}:{BACKEND_PORT}: open 0 total 1 refused 0 denied 0 failed 0 transparent 1 transparent_fallbacks 0"));
 }
 
 #[test]

@@ -305,7 +305,8 @@ pub fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// Takes ownership of an fd inherited from the parent (docker's fd 3 and fd 4),
+/// Takes ownership of an fd inherited from the parent (docker's fd 3 and fd 4,
+/// systemd's activated sockets),
 /// or `None` if no such fd is open.
 pub fn inherited_fd(fd: RawFd) -> Option<OwnedFd> {
     fcntl_getfd_ok(fd)?;

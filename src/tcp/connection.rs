@@ -81,6 +81,8 @@ pub(crate) struct Route {
     pub(crate) accept_proxy: bool,
     /// Connect from the client's address (ARCHITECTURE.md, "Transparent").
     pub(crate) transparent: Option<Transparent>,
+    /// Which sources may connect (on accept-proxy forwards, the header's).
+    pub(crate) access: crate::cidr::Access,
 }
 
 /// What [`Connection::drive`] needs from the relay.
@@ -134,6 +136,8 @@ pub(crate) enum Why {
     BadHeader(io::Error),
     /// The client's address already has `--max-connections-per-source` connections.
     SourceLimit,
+    /// The address in the client's PROXY header is not allowed (access lists).
+    Denied,
     /// The backend socket could not be made or registered.
     CannotConnect(io::Error),
     /// The backend refused or could not be reached.
@@ -249,6 +253,9 @@ impl Connection {
                     Ok(true) => {}
                     Ok(false) => return Progress::Waiting,
                     Err(e) => return Progress::Closed(End::Reset(Why::BadHeader(e))),
+                }
+                if !env.route.access.admits(self.peer.ip()) {
+                    return Progress::Closed(End::Reset(Why::Denied));
                 }
             }
             if !env.sources.admit(self.peer.ip()) {

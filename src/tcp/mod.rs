@@ -246,6 +246,15 @@ impl TcpRelay {
             self.shared.release_connection();
             return;
         }
+        // On accept-proxy forwards the list applies to the header's address, known later.
+        if !l.route.accept_proxy && !l.route.access.admits(peer.ip()) {
+            log::debug!("{peer}: denied by the access list; refused");
+            l.stats.refused += 1;
+            l.stats.denied += 1;
+            crate::sys::set_linger_zero(std::os::fd::AsFd::as_fd(&client));
+            self.shared.release_connection();
+            return;
+        }
         // The address the client used matters only to a PROXY header.
         let local = match l.route.send_proxy {
             Some(_) => client.local_addr().map(crate::unmap).unwrap_or(l.addr),
@@ -379,6 +388,11 @@ impl TcpRelay {
                     Why::Unreachable(e) => {
                         log::warn!("{peer} -> {target}: backend unreachable: {e}");
                         l.stats.failed += 1;
+                    }
+                    Why::Denied => {
+                        log::debug!("{peer}: denied by the access list; refused");
+                        l.stats.refused += 1;
+                        l.stats.denied += 1;
                     }
                     Why::ConnectTimeout if conn.spoofed => {
                         log::warn!(

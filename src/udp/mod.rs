@@ -50,6 +50,8 @@ pub struct UdpListener {
     send_proxy: Option<Version>,
     /// Flows bind the client's address and port (ARCHITECTURE.md, "Transparent").
     transparent: Option<Transparent>,
+    /// Which clients may send (ARCHITECTURE.md, "Access lists").
+    access: crate::cidr::Access,
     /// A transparent flow across address families was logged already.
     fallback_logged: bool,
     readable: bool,
@@ -131,6 +133,7 @@ impl UdpRelay {
         target: SocketAddr,
         send_proxy: Option<Version>,
         transparent: Option<Transparent>,
+        access: crate::cidr::Access,
         registry: &Registry,
     ) -> io::Result<()> {
         sock.set_nonblocking(true)?;
@@ -158,6 +161,7 @@ impl UdpRelay {
             target,
             send_proxy,
             transparent,
+            access,
             fallback_logged: false,
             readable: true,
             queued: false,
@@ -240,6 +244,12 @@ impl UdpRelay {
                     // Never forward a truncated datagram (ARCHITECTURE.md, UDP).
                     stats.add_dropped(DropReason::Truncated, count);
                     log::debug!("udp {client}: datagram larger than the buffer dropped");
+                    continue;
+                }
+                let l = &mut self.listeners[idx];
+                if !l.access.admits(client.ip()) {
+                    l.stats.up.add_dropped(DropReason::Denied, count);
+                    log::trace!("udp {client}: denied by the access list; dropped");
                     continue;
                 }
                 let key = (idx, client, meta.dst.map(|d| d.ip()));
@@ -649,7 +659,7 @@ mod tests {
             assert!(!pktinfo(fd.as_fd(), addr.is_ipv6()), "{addr}: udp_listener turned PKTINFO on");
             // A socket made elsewhere, like docker's fd 4, gets it from add_listener.
             let sock = std::net::UdpSocket::from(fd);
-            relay.add_listener(sock, target, None, None, poll.registry()).unwrap();
+            relay.add_listener(sock, target, None, None, Default::default(), poll.registry()).unwrap();
             let l = relay.listeners.last().unwrap();
             assert!(pktinfo(l.sock.as_fd(), addr.is_ipv6()), "{addr}: add_listener left PKTINFO off");
         }

@@ -56,11 +56,12 @@ impl Ports {
 pub struct RelayCmd {
     log_level: String,
     under: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Default for RelayCmd {
     fn default() -> Self {
-        RelayCmd { log_level: "debug".into(), under: Vec::new() }
+        RelayCmd { log_level: "debug".into(), under: Vec::new(), env: Vec::new() }
     }
 }
 
@@ -69,6 +70,12 @@ impl RelayCmd {
     /// readiness is read from the log).
     pub fn log(mut self, level: &str) -> Self {
         self.log_level = level.into();
+        self
+    }
+
+    /// Sets an environment variable for the relay.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
         self
     }
 
@@ -109,6 +116,7 @@ impl RelayCmd {
         };
         cmd.args(argv).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         cmd.env("RUST_LOG", &self.log_level);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
