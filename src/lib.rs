@@ -92,10 +92,6 @@ pub fn run(config: &Config, listen_fd: Option<OwnedFd>, ready: impl FnOnce()) ->
         .map_err(runtime("cannot set up the event loop"))?;
     let shared = Arc::new(Shared::new(wakers, config.tcp.max_connections, config.tcp.max_per_source));
     let mut bound = bind(config, listen_fd, n)?;
-    for f in &config.forwards {
-        log::info!("listening on {} {} -> {}", f.proto, f.listen, f.target);
-    }
-    log::info!("{n} event loop{}", if n == 1 { "" } else { "s, one thread each" });
     let mut polls = polls.into_iter();
     let first = polls.next().ok_or_else(|| StartError::Runtime("no event loop".into()))?;
     let b0 = std::mem::take(&mut bound[0]);
@@ -155,6 +151,12 @@ pub fn run(config: &Config, listen_fd: Option<OwnedFd>, ready: impl FnOnce()) ->
         }
         return Err(e);
     }
+    // Only now is every loop set up (its signalfd, its registrations): what
+    // the log and `ready` announce is a relay that is fully there.
+    for f in &config.forwards {
+        log::info!("listening on {} {} -> {}", f.proto, f.listen, f.target);
+    }
+    log::info!("{n} event loop{}", if n == 1 { "" } else { "s, one thread each" });
     ready();
     systemd::notify("READY=1");
     let mut result = ev0.run().map_err(|e| StartError::Runtime(format!("event loop failed: {e}")));
