@@ -345,9 +345,7 @@ fn on_signals(
                     stop = true;
                 } else {
                     crate::systemd::notify("STOPPING=1");
-                    let (v, threads) = totals(tcp, udp, shared, 0);
-                    let open: u64 = threads.iter().map(|p| p.open).sum();
-                    drop(v);
+                    let open: u64 = totals(tcp, udp, shared, 0).1.iter().map(|p| p.open).sum();
                     log::info!(
                         "{sig}: no longer accepting; draining {open} connections for up to {:?}",
                         settings.drain_timeout
