@@ -203,6 +203,85 @@ pub fn clap_error_line(e: &clap::Error) -> String {
     }
 }
 
+/// Reads the command line `argv` (program name first) and the option lines
+/// of its `-c` files: a line of a config file that starts with `-` is an
+/// option, as on the command line (`--idle-timeout 30s`, `--allow=10.0.0.0/8`,
+/// `--accept-proxy`), one per line. The command line wins over the files,
+/// a later file over an earlier one. A reload reads both again, so these
+/// options can change on SIGHUP (ARCHITECTURE.md, "Reload").
+///
+pub fn parse(argv: &[std::ffi::OsString]) -> Result<Args, ParseError> {
+    use clap::{CommandFactory, FromArgMatches};
+    let args = Args::try_parse_from(argv).map_err(|e| ParseError::Clap(Box::new(e)))?;
+    let mut options: Vec<String> = Vec::new();
+    let mut problems = Vec::new();
+    for path in &args.config {
+        let bytes = match read_config_file(path) {
+            Ok(b) => b,
+            Err(e) => {
+                problems.push(e);
+                continue;
+            }
+        };
+        for (i, line) in config::lines(&bytes) {
+            let Some(line) = line.filter(|l| l.starts_with('-')) else { continue };
+            match option_line(line) {
+                Ok(words) => options.extend(words),
+                Err(e) => problems.push(StartError::Usage(format!("{path}:{i}: {e}"))),
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ParseError::Files { check: args.check, problems });
+    }
+    if options.is_empty() {
+        return Ok(args);
+    }
+    // The files' options first, so that the command line's come later and win.
+    let mut merged: Vec<std::ffi::OsString> = argv.iter().take(1).cloned().collect();
+    merged.extend(options.into_iter().map(Into::into));
+    merged.extend(argv.iter().skip(1).cloned());
+    let clap = |e| ParseError::Clap(Box::new(e));
+    let matches = Args::command().args_override_self(true).try_get_matches_from(merged).map_err(clap)?;
+    Args::from_arg_matches(&matches).map_err(clap)
+}
+
+/// Why [`parse`] failed.
+#[derive(Debug)]
+pub enum ParseError {
+    /// The command line is wrong (clap's error, which also carries --help
+    /// and --version).
+    Clap(Box<clap::Error>),
+    /// A config file is unreadable or one of its option lines is wrong,
+    /// each problem named by file and line; `check`: under `--check`.
+    Files { check: bool, problems: Vec<StartError> },
+}
+
+impl ParseError {
+    /// Every problem, one line each (clap's as one line too).
+    pub fn problems(self) -> Vec<StartError> {
+        match self {
+            ParseError::Clap(e) => vec![StartError::Usage(clap_error_line(&e))],
+            ParseError::Files { problems, .. } => problems,
+        }
+    }
+}
+
+/// The words of one option line of a config file, checked on their own.
+fn option_line(line: &str) -> Result<Vec<String>, String> {
+    let words: Vec<String> = line.split_whitespace().map(String::from).collect();
+    let name = words[0].split('=').next().unwrap_or_default();
+    if ["-c", "--config", "--check", "-h", "--help", "-V", "--version"].contains(&name) {
+        return Err(format!("{} cannot be used in a config file", config::quote(name)));
+    }
+    let alone = std::iter::once("splice-relay".to_string()).chain(words.iter().cloned());
+    match Args::try_parse_from(alone) {
+        Ok(a) if a.forwards.is_empty() => Ok(words),
+        Ok(_) => Err(format!("{}: one option (and its value) per line", config::quote(line))),
+        Err(e) => Err(clap_error_line(&e)),
+    }
+}
+
 /// Most event loops `--threads` takes.
 const MAX_THREADS: usize = 256;
 

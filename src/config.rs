@@ -293,25 +293,38 @@ pub fn parse_config(name: &str, bytes: &[u8], resolve: Resolver<'_>) -> Result<V
 pub fn parse_config_all(name: &str, bytes: &[u8], resolve: Resolver<'_>, all: bool) -> (Vec<Forward>, Vec<StartError>) {
     let mut out = Vec::new();
     let mut problems = Vec::new();
-    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+    for (i, line) in lines(bytes) {
         if !all && !problems.is_empty() {
             break;
         }
-        let Ok(line) = std::str::from_utf8(line) else {
-            problems.push(StartError::Usage(format!("{name}:{}: not UTF-8 text", i + 1)));
+        let Some(line) = line else {
+            problems.push(StartError::Usage(format!("{name}:{i}: not UTF-8 text")));
             continue;
         };
-        let line = line.split('#').next().unwrap_or_default().trim();
-        if line.is_empty() {
+        // Option lines (`--idle-timeout 30s`) are read by `cli::parse`.
+        if line.starts_with('-') {
             continue;
         }
         match parse_forward(line, resolve) {
             Ok(fwd) => out.extend(fwd),
-            Err(StartError::Usage(m)) => problems.push(StartError::Usage(format!("{name}:{}: {m}", i + 1))),
-            Err(StartError::Runtime(m)) => problems.push(StartError::Runtime(format!("{name}:{}: {m}", i + 1))),
+            Err(StartError::Usage(m)) => problems.push(StartError::Usage(format!("{name}:{i}: {m}"))),
+            Err(StartError::Runtime(m)) => problems.push(StartError::Runtime(format!("{name}:{i}: {m}"))),
         }
     }
     (out, problems)
+}
+
+/// The lines of a config file that hold something, numbered from 1,
+/// without comments and surrounding blanks: the text, or None when the
+/// line is not UTF-8.
+pub(crate) fn lines(bytes: &[u8]) -> impl Iterator<Item = (usize, Option<&str>)> {
+    bytes.split(|&b| b == b'\n').enumerate().filter_map(|(i, line)| match std::str::from_utf8(line) {
+        Ok(text) => {
+            let text = text.split('#').next().unwrap_or_default().trim();
+            (!text.is_empty()).then_some((i + 1, Some(text)))
+        }
+        Err(_) => Some((i + 1, None)),
+    })
 }
 
 /// The longest duration an option takes: 3650 days (about 10 years), far

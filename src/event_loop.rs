@@ -15,17 +15,19 @@ use mio::{Events, Interest, Poll, Registry};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
+use crate::metrics::{Reloads, Snapshot};
 use crate::reactor::{Ctx, Kind, fixed_token, untoken};
+use crate::reload::{Later, Plan, Reloader};
 use crate::shared::{Published, Shared};
 use crate::tcp::TcpRelay;
 use crate::timer::{Timer, Timers};
 use crate::udp::UdpRelay;
 
-/// Signals that act: SIGINT and SIGTERM stop (or drain), SIGUSR1 logs totals.
-const HANDLED: &[Signal] = &[Signal::SIGINT, Signal::SIGTERM, Signal::SIGUSR1];
+/// Signals that act: SIGINT and SIGTERM stop (or drain), SIGUSR1 logs
+/// totals, SIGHUP reloads.
+const HANDLED: &[Signal] = &[Signal::SIGINT, Signal::SIGTERM, Signal::SIGUSR1, Signal::SIGHUP];
 /// Signals whose default action would end the process, taken and logged.
 const IGNORED: &[Signal] = &[
-    Signal::SIGHUP,
     Signal::SIGUSR2,
     Signal::SIGALRM,
     Signal::SIGVTALRM,
@@ -78,6 +80,8 @@ pub(crate) struct EventLoop {
     pub(crate) udp: UdpRelay,
     /// The metrics endpoint, if any (loop 0).
     pub(crate) metrics: Option<crate::metrics::Metrics>,
+    /// Reloads on SIGHUP (loop 0; none in docker mode).
+    pub(crate) reloader: Option<Reloader>,
     settings: LoopSettings,
     draining: bool,
     shared: Arc<Shared>,
@@ -112,6 +116,7 @@ impl EventLoop {
             tcp,
             udp,
             metrics: None,
+            reloader: None,
             settings,
             draining: false,
             shared,
@@ -165,24 +170,28 @@ impl EventLoop {
             let now = Instant::now();
             let mut ctx = Ctx { registry: self.poll.registry(), timers: &mut self.timers, now };
             let mut stop = false;
+            let mut reload = false;
             for ev in events.iter() {
                 let (kind, key) = untoken(ev.token());
                 match kind {
-                    Kind::Listener => self.tcp.listener_event(key.index() as usize, &mut ctx),
+                    Kind::Listener => self.tcp.listener_event(key, &mut ctx),
                     Kind::Client | Kind::Backend => self.tcp.conn_event(kind, key, ev, &mut ctx),
-                    Kind::UdpListener => self.udp.listener_event(key.index() as usize, &mut ctx),
+                    Kind::UdpListener => self.udp.listener_event(key, &mut ctx),
                     Kind::UdpFlow => self.udp.flow_event(key, ev, &mut ctx),
                     Kind::Signal if key.index() == 0 => {
                         if let Some(signals) = &self.signals {
-                            stop |= on_signals(
+                            let reloads = self.reloader.as_ref().map(|r| r.stats);
+                            let (s, r) = on_signals(
                                 signals,
                                 &mut self.tcp,
                                 &mut self.udp,
                                 &self.settings,
                                 &mut self.draining,
                                 &self.shared,
+                                reloads,
                                 &mut ctx,
                             );
+                            (stop, reload) = (stop | s, reload | r);
                         }
                     }
                     // The waker: another loop asks this one to look at the shared flags.
@@ -190,15 +199,34 @@ impl EventLoop {
                     Kind::Metrics | Kind::MetricsConn => {
                         if let Some(m) = self.metrics.as_mut() {
                             let (tcp, udp, shared) = (&self.tcp, &self.udp, &self.shared);
+                            let reloads = self.reloader.as_ref().map_or_else(Reloads::new, |r| r.stats);
                             let page = || {
                                 let (v, threads) = totals(tcp, udp, shared, 0);
-                                crate::metrics::prometheus(tcp, udp, &v, &threads)
+                                crate::metrics::prometheus(&v, &threads, &reloads)
                             };
                             m.event(kind, key, page, &mut ctx);
                         }
                     }
                 }
             }
+            if reload {
+                match self.reloader.as_mut() {
+                    Some(_) if self.draining => log::info!("SIGHUP ignored: draining"),
+                    Some(r) => {
+                        log::info!("SIGHUP: reloading the configuration");
+                        r.request(&self.shared)
+                    }
+                    None => log::info!("SIGHUP ignored: docker mode has no configuration to reload"),
+                }
+            }
+            let mut parts = Parts {
+                me: self.me,
+                tcp: &mut self.tcp,
+                udp: &mut self.udp,
+                settings: &mut self.settings,
+                shared: &self.shared,
+            };
+            reload_step(&mut parts, &mut self.reloader, self.draining, &mut ctx);
             if self.shared.stop.load(Ordering::Acquire) {
                 stop = true;
             } else if self.shared.drain.load(Ordering::Acquire) && !self.draining {
@@ -212,7 +240,7 @@ impl EventLoop {
             while let Some(t) = ctx.timers.pop_due(now) {
                 match t {
                     Timer::Conn(key) => self.tcp.conn_timer(key, &mut ctx),
-                    Timer::Listener(idx) => self.tcp.listener_timer(idx, &mut ctx),
+                    Timer::Listener(key) => self.tcp.listener_timer(key, &mut ctx),
                     Timer::UdpSweep => self.udp.sweep(&mut ctx),
                     Timer::Metrics(key) => {
                         if let Some(m) = self.metrics.as_mut() {
@@ -226,11 +254,14 @@ impl EventLoop {
                         stop = true;
                     }
                     Timer::Stats => {
-                        log_stats(&self.tcp, &self.udp, &self.shared);
+                        // A reload may have turned the line off, or changed its interval.
                         if let Some(every) = self.settings.stats_interval {
+                            log_stats(&self.tcp, &self.udp, &self.shared, self.reloader.as_ref().map(|r| r.stats));
                             ctx.timers.add(now + every, Timer::Stats);
                         }
                     }
+                    Timer::Retired(key) => self.tcp.retired_timer(key, self.settings.drain_timeout, &mut ctx),
+                    Timer::UdpRetired(key) => self.udp.retired_timer(key, self.settings.drain_timeout, &mut ctx),
                     Timer::Publish => {
                         let published = published(&self.tcp, &self.udp);
                         *lock(&self.shared, self.me) = published;
@@ -270,7 +301,7 @@ fn lock(shared: &Shared, i: usize) -> std::sync::MutexGuard<'_, Published> {
 /// This loop's statistics, to publish.
 fn published(tcp: &TcpRelay, udp: &UdpRelay) -> Published {
     Published {
-        values: crate::metrics::values(tcp, udp),
+        snapshot: crate::metrics::snapshot(tcp, udp),
         open: tcp.open_connections() as u64,
         accepted: tcp.accepted,
         idle_wakeups: tcp.idle_wakeups,
@@ -279,32 +310,135 @@ fn published(tcp: &TcpRelay, udp: &UdpRelay) -> Published {
 
 /// The statistics of every loop summed (loop `me`'s read live), and each
 /// loop's own.
-fn totals(tcp: &TcpRelay, udp: &UdpRelay, shared: &Shared, me: usize) -> (Vec<u64>, Vec<Published>) {
-    let mut v = crate::metrics::values(tcp, udp);
+fn totals(tcp: &TcpRelay, udp: &UdpRelay, shared: &Shared, me: usize) -> (Snapshot, Vec<Published>) {
+    let mut v = crate::metrics::snapshot(tcp, udp);
     let mut threads = Vec::with_capacity(shared.threads());
     for i in 0..shared.threads() {
         if i == me {
             threads.push(Published {
-                values: Vec::new(),
+                snapshot: Snapshot::default(),
                 open: tcp.open_connections() as u64,
                 accepted: tcp.accepted,
                 idle_wakeups: tcp.idle_wakeups,
             });
         } else {
             let p = lock(shared, i).clone();
-            crate::metrics::add_values(&mut v, &p.values);
-            threads.push(Published { values: Vec::new(), ..p });
+            v.add(&p.snapshot);
+            threads.push(Published { snapshot: Snapshot::default(), ..p });
         }
     }
     (v, threads)
 }
 
 /// Logs one line of totals per forward (over every loop).
-fn log_stats(tcp: &TcpRelay, udp: &UdpRelay, shared: &Shared) {
+fn log_stats(tcp: &TcpRelay, udp: &UdpRelay, shared: &Shared, reloads: Option<Reloads>) {
     let (v, threads) = totals(tcp, udp, shared, 0);
-    for line in crate::metrics::stats_lines(tcp, udp, &v, &threads) {
+    for line in crate::metrics::stats_lines(&v, &threads, &reloads.unwrap_or_else(Reloads::new)) {
         log::info!("{line}");
     }
+}
+
+/// What a reload changes in one loop.
+struct Parts<'a> {
+    me: usize,
+    tcp: &'a mut TcpRelay,
+    udp: &'a mut UdpRelay,
+    settings: &'a mut LoopSettings,
+    shared: &'a Arc<Shared>,
+}
+
+/// A reload's next step: loop 0 checks a configuration read, binds and
+/// hands out the plans; every loop applies its plan.
+fn reload_step(p: &mut Parts<'_>, reloader: &mut Option<Reloader>, draining: bool, ctx: &mut Ctx<'_>) {
+    if let Some(plan) = p.shared.take_plan(p.me) {
+        apply(p, plan, ctx);
+        p.shared.plan_applied();
+    }
+    let Some(r) = reloader.as_mut() else { return };
+    // Done once every loop applied its part: only then is READY=1 true.
+    if r.finishing.is_some() && !p.shared.plans_out() {
+        if let Some((whole, summary)) = r.finishing.take() {
+            r.done(whole, &summary);
+        }
+        if r.take_again() {
+            r.request(p.shared);
+        }
+    }
+    if r.finishing.is_some() {
+        return;
+    }
+    let Some(read) = r.take_read() else { return };
+    let prepared = match read {
+        Err(problems) => Err(problems.iter().map(ToString::to_string).collect()),
+        Ok(_) if draining => Err(vec!["draining: nothing changed".to_string()]),
+        Ok(config) => r.prepare(config, p.tcp, p.udp, p.shared.threads()),
+    };
+    match prepared {
+        Err(problems) => {
+            r.fail(&problems);
+            if r.take_again() {
+                r.request(p.shared);
+            }
+        }
+        Ok((plans, later, summary)) => {
+            let whole = hand_out(p, plans, later, r.ipv6_only(), ctx);
+            r.finishing = Some((whole, summary));
+            // With one loop (or the others quick), done at once.
+            reload_step(p, reloader, draining, ctx);
+        }
+    }
+}
+
+/// Loop 0: gives every other loop its plan, applies its own, then binds
+/// what had to wait for it (one loop only). Returns whether all of it
+/// worked.
+fn hand_out(p: &mut Parts<'_>, plans: Vec<Plan>, later: Vec<Later>, ipv6_only: bool, ctx: &mut Ctx<'_>) -> bool {
+    let mut plans = plans.into_iter();
+    let Some(mine) = plans.next() else { return false };
+    p.shared.connections.set_max(mine.tcp.max_connections);
+    p.shared.sources.set_max(mine.tcp.max_per_source);
+    for (i, plan) in plans.enumerate() {
+        p.shared.give_plan(i + 1, plan);
+    }
+    let (forwards, tcp, udp, drain) = (mine.forwards.clone(), mine.tcp.clone(), mine.udp, mine.settings.drain_timeout);
+    apply(p, mine, ctx);
+    let mut whole = true;
+    for l in later {
+        let Some(f) = forwards.get(l.forward) else { continue };
+        let v6only = crate::v6only(f.listen, ipv6_only);
+        if l.tcp {
+            match crate::sys::tcp_listener(f.listen, v6only, 1024, false) {
+                Ok(fd) => p.tcp.reload(&forwards, vec![(l.forward, fd, false)], tcp.clone(), drain, ctx),
+                Err(e) => {
+                    log::error!("reload: cannot listen on tcp {}: {e}", f.listen);
+                    whole = false;
+                }
+            }
+        } else {
+            p.udp.close_retired_on(f.listen.port(), ctx);
+            match crate::sys::udp_listener(f.listen, v6only, false) {
+                Ok(fd) => p.udp.reload(&forwards, vec![(l.forward, fd)], udp, drain, ctx),
+                Err(e) => {
+                    log::error!("reload: cannot listen on udp {}: {e}", f.listen);
+                    whole = false;
+                }
+            }
+        }
+    }
+    whole
+}
+
+/// Applies one loop's part of a reload.
+fn apply(p: &mut Parts<'_>, plan: Plan, ctx: &mut Ctx<'_>) {
+    let drain = plan.settings.drain_timeout;
+    p.tcp.reload(&plan.forwards, plan.fresh.tcp, plan.tcp, drain, ctx);
+    p.udp.reload(&plan.forwards, plan.fresh.udp, plan.udp, drain, ctx);
+    if p.me == 0 && p.settings.stats_interval.is_none() {
+        if let Some(every) = plan.settings.stats_interval {
+            ctx.timers.add(ctx.now + every, Timer::Stats);
+        }
+    }
+    *p.settings = plan.settings;
 }
 
 /// Stops accepting and reading clients' datagrams; sets the drain deadline.
@@ -321,7 +455,9 @@ fn begin_drain(
     ctx.timers.add(ctx.now + settings.drain_timeout, Timer::Drain);
 }
 
-/// Handles pending signals (loop 0); true when the process should exit now.
+/// Handles pending signals (loop 0): whether the process should exit now,
+/// and whether a reload was asked for.
+#[allow(clippy::too_many_arguments)]
 fn on_signals(
     signals: &SignalFd,
     tcp: &mut TcpRelay,
@@ -329,12 +465,14 @@ fn on_signals(
     settings: &LoopSettings,
     draining: &mut bool,
     shared: &Shared,
+    reloads: Option<Reloads>,
     ctx: &mut Ctx<'_>,
-) -> bool {
-    let mut stop = false;
+) -> (bool, bool) {
+    let (mut stop, mut reload) = (false, false);
     while let Ok(Some(info)) = signals.read_signal() {
         match Signal::try_from(info.ssi_signo as i32) {
-            Ok(Signal::SIGUSR1) => log_stats(tcp, udp, shared),
+            Ok(Signal::SIGUSR1) => log_stats(tcp, udp, shared, reloads),
+            Ok(Signal::SIGHUP) => reload = true,
             Ok(sig) if IGNORED.contains(&sig) => log::info!("{sig} ignored"),
             Ok(sig) => {
                 if *draining || settings.drain_timeout.is_zero() {
@@ -358,5 +496,5 @@ fn on_signals(
             Err(_) => {}
         }
     }
-    stop
+    (stop, reload)
 }

@@ -23,6 +23,7 @@ pub mod logging;
 pub(crate) mod metrics;
 pub mod proxy_protocol;
 pub(crate) mod reactor;
+pub mod reload;
 pub(crate) mod shared;
 pub(crate) mod slab;
 pub(crate) mod stats;
@@ -50,9 +51,9 @@ pub(crate) fn unmap(addr: std::net::SocketAddr) -> std::net::SocketAddr {
     std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-/// One loop's listening sockets, bound before any loop starts.
+/// One loop's listening sockets, bound before any loop starts (or by a reload).
 #[derive(Default)]
-struct Bound {
+pub(crate) struct Bound {
     /// (forward index, socket, registered with EPOLLEXCLUSIVE).
     tcp: Vec<(usize, OwnedFd, bool)>,
     /// (forward index, socket).
@@ -61,10 +62,17 @@ struct Bound {
 
 /// Raises the open-file limit, binds every listener of `config` for each of
 /// its `threads` loops (or adopts `listen_fd`, docker's fd 4, for its single
-/// forward, or the sockets systemd passed, for the forwards they match), calls `ready` once all are bound and every loop is set up
-/// (and tells systemd `READY=1` if NOTIFY_SOCKET is set), and relays until
-/// SIGINT or SIGTERM (or the drain's end).
-pub fn run(config: &Config, listen_fd: Option<OwnedFd>, ready: impl FnOnce()) -> Result<(), StartError> {
+/// forward, or the sockets systemd passed, for the forwards they match),
+/// calls `ready` once all are bound and every loop is set up (and tells
+/// systemd `READY=1` if NOTIFY_SOCKET is set), and relays until SIGINT or
+/// SIGTERM (or the drain's end). On SIGHUP, `reread` gives the configuration
+/// to reload (None: SIGHUP is logged and ignored).
+pub fn run(
+    config: &Config,
+    listen_fd: Option<OwnedFd>,
+    reread: Option<reload::Reread>,
+    ready: impl FnOnce(),
+) -> Result<(), StartError> {
     let runtime = |what: &str| {
         let what = what.to_string();
         move |e: std::io::Error| StartError::Runtime(format!("{what}: {e}"))
@@ -96,6 +104,7 @@ pub fn run(config: &Config, listen_fd: Option<OwnedFd>, ready: impl FnOnce()) ->
     let first = polls.next().ok_or_else(|| StartError::Runtime("no event loop".into()))?;
     let b0 = std::mem::take(&mut bound[0]);
     let mut ev0 = setup(config, 0, first, b0, shared.clone(), Some(&mask))?;
+    ev0.reloader = reread.map(|r| reload::Reloader::new(r, config));
     if let Some(addr) = config.metrics {
         let m = metrics::Metrics::bind(addr, ev0.registry())
             .map_err(|e| StartError::Runtime(format!("cannot serve metrics on {addr}: {e}")))?;
@@ -171,7 +180,7 @@ pub fn run(config: &Config, listen_fd: Option<OwnedFd>, ready: impl FnOnce()) ->
 
 /// Refuses to start a transparent relay that may not set IP_TRANSPARENT:
 /// every connection would fail otherwise.
-fn check_transparent() -> Result<(), StartError> {
+pub(crate) fn check_transparent() -> Result<(), StartError> {
     match sys::transparent_allowed() {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(StartError::Runtime(
@@ -256,7 +265,7 @@ pub fn check(config: &Config) -> Vec<StartError> {
 pub const NOTHING_TO_RELAY: &str = "nothing to relay: give at least one FORWARD or --config FILE (see --help)";
 
 /// True if sockets bound to `a` and `b` (same port) would take the same clients.
-fn overlap(a: std::net::IpAddr, b: std::net::IpAddr, ipv6_only: bool) -> bool {
+pub(crate) fn overlap(a: std::net::IpAddr, b: std::net::IpAddr, ipv6_only: bool) -> bool {
     use std::net::IpAddr::{V4, V6};
     let dual = |ip: std::net::IpAddr| matches!(ip, V6(v6) if v6.is_unspecified() && !ipv6_only);
     match (a, b) {
@@ -287,11 +296,7 @@ fn bind(config: &Config, listen_fd: Option<OwnedFd>, n: usize) -> Result<Vec<Bou
     };
     let reuseport = n > 1;
     for (fi, f) in config.forwards.iter().enumerate() {
-        // `[::]` is dual-stack unless --ipv6-only; any other IPv6 address is IPv6-only.
-        let v6only = match f.listen.ip() {
-            std::net::IpAddr::V6(ip) if ip.is_unspecified() => config.ipv6_only,
-            _ => true,
-        };
+        let v6only = v6only(f.listen, config.ipv6_only);
         if f.proto.tcp() {
             if let Some(fd) = listen_fd.take().or_else(|| take_activated(f, true)) {
                 for b in bound.iter_mut().skip(1) {
@@ -330,6 +335,15 @@ fn bind(config: &Config, listen_fd: Option<OwnedFd>, n: usize) -> Result<Vec<Bou
     Ok(bound)
 }
 
+/// IPV6_V6ONLY for a socket bound to `listen`: `[::]` is dual-stack unless
+/// --ipv6-only; any other IPv6 address is IPv6-only.
+pub(crate) fn v6only(listen: std::net::SocketAddr, ipv6_only: bool) -> bool {
+    match listen.ip() {
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => ipv6_only,
+        _ => true,
+    }
+}
+
 /// Loop `me` with its bound sockets, on the calling thread.
 fn setup(
     config: &Config,
@@ -365,7 +379,7 @@ fn setup_parts(
     for (fi, fd, exclusive) in bound.tcp {
         let f = &forwards[fi];
         ev.tcp
-            .add_listener(std::net::TcpListener::from(fd), f.route(), &registry, exclusive)
+            .add_listener(std::net::TcpListener::from(fd), f.listen, f.route(), &registry, exclusive)
             .map_err(runtime(format!("cannot use tcp listener {}", f.listen)))?;
     }
     for (fi, fd) in bound.udp {
@@ -373,6 +387,7 @@ fn setup_parts(
         ev.udp
             .add_listener(
                 std::net::UdpSocket::from(fd),
+                f.listen,
                 f.target,
                 f.send_proxy,
                 f.transparent,

@@ -4,7 +4,6 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::process::ExitCode;
 
-use clap::Parser;
 use splice_relay::cli::{self, Args};
 use splice_relay::config::{StartError, Transparent, system_resolver};
 use splice_relay::docker;
@@ -21,27 +20,40 @@ fn main() -> ExitCode {
     if docker::is_docker_args(&args) {
         return docker_main(&args);
     }
-    let args = match Args::try_parse_from(&argv) {
+    let args = match cli::parse(&argv) {
         Ok(a) => a,
         // --help and --version: their text on stdout.
-        Err(e) if !e.use_stderr() => {
+        Err(cli::ParseError::Clap(e)) if !e.use_stderr() => {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
-        Err(e) => {
+        Err(cli::ParseError::Clap(e)) => {
             eprintln!("splice-relay: {}", cli::clap_error_line(&e));
             return ExitCode::from(2);
+        }
+        // Under --check every problem exits 2; else an unreadable file is 1.
+        Err(cli::ParseError::Files { check, problems }) => {
+            for p in &problems {
+                eprintln!("splice-relay: {p}");
+            }
+            let code = if check { 2 } else { problems.iter().map(StartError::exit_code).max().unwrap_or(2) };
+            return ExitCode::from(code as u8);
         }
     };
     if args.check {
         return check_main(args);
     }
+    // SIGHUP reads the same command line (and so its -c files) again.
+    let reread: splice_relay::reload::Reread = std::sync::Arc::new(move || {
+        let args = cli::parse(&argv).map_err(cli::ParseError::problems)?;
+        args.check_config(&system_resolver)
+    });
     let result = args.into_config(&system_resolver).and_then(|config| {
         if config.forwards.is_empty() {
             return Err(StartError::Usage(splice_relay::NOTHING_TO_RELAY.into()));
         }
         splice_relay::logging::init(config.log_level, None);
-        splice_relay::run(&config, None, || {})
+        splice_relay::run(&config, None, Some(reread), || {})
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -119,7 +131,7 @@ fn docker_main(args: &[String]) -> ExitCode {
         config.forwards = vec![forward];
         // Docker binds IPv6 host addresses IPv6-only, [::] included.
         config.ipv6_only = true;
-        splice_relay::run(&config, listen_fd, || status.ready())
+        splice_relay::run(&config, listen_fd, None, || status.ready())
     })();
     match result {
         Ok(()) => ExitCode::SUCCESS,

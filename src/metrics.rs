@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 
 use crate::shared::Published;
+use crate::slab::Key;
 use crate::tcp::TcpRelay;
 use crate::udp::UdpRelay;
 pub use server::Metrics;
@@ -32,7 +33,7 @@ struct Series<R> {
     /// Its word on the stats line.
     key: &'static str,
     /// Its value for listener `i` (process-wide statistics ignore `i`).
-    read: fn(&R, usize) -> u64,
+    read: fn(&R, Key) -> u64,
 }
 
 /// The one series of a statistic without labels.
@@ -48,56 +49,56 @@ const TCP_STATS: &[Stat<TcpRelay>] = &[
         name: "tcp_connections_open",
         kind: "gauge",
         help: "TCP connections open now.",
-        series: one!("open", |t, i| t.listeners[i].stats.open),
+        series: one!("open", |t, i| t.listener_stats(i).open),
     },
     Stat {
         name: "tcp_connections_total",
         kind: "counter",
         help: "TCP connections accepted.",
-        series: one!("total", |t, i| t.listeners[i].stats.total),
+        series: one!("total", |t, i| t.listener_stats(i).total),
     },
     Stat {
         name: "tcp_connections_refused_total",
         kind: "counter",
         help: "TCP clients refused (untrusted PROXY sender, per-source limit, access lists).",
-        series: one!("refused", |t, i| t.listeners[i].stats.refused),
+        series: one!("refused", |t, i| t.listener_stats(i).refused),
     },
     Stat {
         name: "tcp_connections_denied_total",
         kind: "counter",
         help: "TCP clients refused by the access lists (also counted as refused).",
-        series: one!("denied", |t, i| t.listeners[i].stats.denied),
+        series: one!("denied", |t, i| t.listener_stats(i).denied),
     },
     Stat {
         name: "tcp_connect_failures_total",
         kind: "counter",
         help: "Backend connects that failed or timed out.",
-        series: one!("failed", |t, i| t.listeners[i].stats.failed),
+        series: one!("failed", |t, i| t.listener_stats(i).failed),
     },
     Stat {
         name: "tcp_transparent_connections_total",
         kind: "counter",
         help: "Backend connects made from the client's own address (--transparent).",
-        series: one!("transparent", |t, i| t.listeners[i].stats.transparent),
+        series: one!("transparent", |t, i| t.listener_stats(i).transparent),
     },
     Stat {
         name: "tcp_transparent_fallbacks_total",
         kind: "counter",
         help: "Connections of a transparent forward that used the relay's address: \
                client and backend differ in address family.",
-        series: one!("transparent_fallbacks", |t, i| t.listeners[i].stats.transparent_fallbacks),
+        series: one!("transparent_fallbacks", |t, i| t.listener_stats(i).transparent_fallbacks),
     },
     Stat {
         name: "tcp_bytes_up_total",
         kind: "counter",
         help: "Bytes client to backend, open connections included.",
-        series: one!("bytes_up", |t, i| t.listeners[i].stats.bytes_up + t.live_bytes(i).0),
+        series: one!("bytes_up", |t, i| t.listener_stats(i).bytes_up + t.live_bytes(i).0),
     },
     Stat {
         name: "tcp_bytes_down_total",
         kind: "counter",
         help: "Bytes backend to client, open connections included.",
-        series: one!("bytes_down", |t, i| t.listeners[i].stats.bytes_down + t.live_bytes(i).1),
+        series: one!("bytes_down", |t, i| t.listener_stats(i).bytes_down + t.live_bytes(i).1),
     },
 ];
 
@@ -108,12 +109,12 @@ macro_rules! up_down {
             Series {
                 labels: r#"direction="up""#,
                 key: concat!($key, "_up"),
-                read: |u, i| u.listeners[i].stats.up.$field,
+                read: |u, i| u.listener_stats(i).up.$field,
             },
             Series {
                 labels: r#"direction="down""#,
                 key: concat!($key, "_down"),
-                read: |u, i| u.listeners[i].stats.down.$field,
+                read: |u, i| u.listener_stats(i).down.$field,
             },
         ]
     };
@@ -125,7 +126,7 @@ macro_rules! dropped {
         Series {
             labels: concat!(r#"direction=""#, stringify!($dir), r#"",reason=""#, $name, '"'),
             key: concat!("dropped_", $name, "_", stringify!($dir)),
-            read: |u, i| u.listeners[i].stats.$dir.dropped(crate::stats::DropReason::$reason),
+            read: |u, i| u.listener_stats(i).$dir.dropped(crate::stats::DropReason::$reason),
         }
     };
 }
@@ -142,20 +143,20 @@ const UDP_STATS: &[Stat<UdpRelay>] = &[
         name: "udp_flows_total",
         kind: "counter",
         help: "UDP flows opened.",
-        series: one!("flows_total", |u, i| u.listeners[i].stats.flows_total),
+        series: one!("flows_total", |u, i| u.listener_stats(i).flows_total),
     },
     Stat {
         name: "udp_transparent_flows_total",
         kind: "counter",
         help: "UDP flows whose socket sends from the client's own address and port (--transparent).",
-        series: one!("transparent_flows", |u, i| u.listeners[i].stats.flows_transparent),
+        series: one!("transparent_flows", |u, i| u.listener_stats(i).flows_transparent),
     },
     Stat {
         name: "udp_transparent_fallbacks_total",
         kind: "counter",
         help: "UDP flows of a transparent forward that send from the relay's address: \
                client and backend differ in address family.",
-        series: one!("transparent_fallbacks", |u, i| u.listeners[i].stats.transparent_fallbacks),
+        series: one!("transparent_fallbacks", |u, i| u.listener_stats(i).transparent_fallbacks),
     },
     Stat {
         name: "udp_datagrams_received_total",
@@ -182,13 +183,14 @@ const UDP_STATS: &[Stat<UdpRelay>] = &[
         help: "UDP datagrams received but not sent, by reason: truncated (larger than the 64 KiB buffer), \
                no_flow (no flow socket could be opened), send_error (the send failed, e.g. EMSGSIZE: \
                too large for the other side's address family), send_buffer_full (EAGAIN), denied (the client \
-               is not allowed by the access lists).",
+               is not allowed by the access lists), removed (a new client of a forward a reload removed).",
         series: &[
             dropped!(up, Truncated, "truncated"),
             dropped!(up, NoFlow, "no_flow"),
             dropped!(up, SendError, "send_error"),
             dropped!(up, SendBufferFull, "send_buffer_full"),
             dropped!(up, Denied, "denied"),
+            dropped!(up, Removed, "removed"),
             dropped!(down, Truncated, "truncated"),
             dropped!(down, SendError, "send_error"),
             dropped!(down, SendBufferFull, "send_buffer_full"),
@@ -212,64 +214,93 @@ const PROCESS_STATS: &[Stat<TcpRelay>] = &[
     },
 ];
 
-/// How many series a table has.
-fn series_count<R>(stats: &[Stat<R>]) -> usize {
-    stats.iter().map(|s| s.series.len()).sum()
+/// One forward's statistics (one listener's, or summed over the loops'
+/// listeners on the same address): every series of its table, in order.
+#[derive(Clone, Debug)]
+pub(crate) struct Row {
+    /// The listening address.
+    listen: SocketAddr,
+    /// Where its connections or datagrams go.
+    target: SocketAddr,
+    values: Vec<u64>,
 }
 
-/// Appends every series of `stats` for listeners `0..n`, series-major.
-fn push_values<R>(out: &mut Vec<u64>, stats: &[Stat<R>], r: &R, n: usize) {
-    for s in stats.iter().flat_map(|s| s.series) {
-        out.extend((0..n).map(|i| (s.read)(r, i)));
+/// Every statistic of one loop, or summed over every loop: what a loop
+/// publishes ([`snapshot`]) and loop 0 adds up ([`Snapshot::add`]).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Snapshot {
+    tcp: Vec<Row>,
+    udp: Vec<Row>,
+    process: Vec<u64>,
+}
+
+impl Snapshot {
+    /// Adds another loop's statistics. Rows meet by listening address: a
+    /// reload retires and adds listeners in each loop on its own, so the
+    /// loops' listeners need not be in one order (ARCHITECTURE.md, "Reload").
+    pub(crate) fn add(&mut self, other: &Snapshot) {
+        add_rows(&mut self.tcp, &other.tcp);
+        add_rows(&mut self.udp, &other.udp);
+        add_all(&mut self.process, &other.process);
     }
 }
 
-/// Every statistic's value, in one order (TCP, UDP, process; within each,
-/// series-major, then listener): what a loop publishes, and what
-/// [`add_values`] sums over loops. Every statistic is a sum over loops.
-pub(crate) fn values(tcp: &TcpRelay, udp: &UdpRelay) -> Vec<u64> {
-    let mut v = Vec::new();
-    push_values(&mut v, TCP_STATS, tcp, tcp.listeners.len());
-    push_values(&mut v, UDP_STATS, udp, udp.listeners.len());
-    push_values(&mut v, PROCESS_STATS, tcp, 1);
-    v
-}
-
-/// Adds another loop's `values` into `into` (the loops relay the same forwards).
-pub(crate) fn add_values(into: &mut [u64], other: &[u64]) {
-    if into.len() == other.len() {
-        for (a, b) in into.iter_mut().zip(other) {
-            *a += b;
+fn add_rows(into: &mut Vec<Row>, other: &[Row]) {
+    let at: std::collections::HashMap<SocketAddr, usize> =
+        into.iter().enumerate().map(|(i, r)| (r.listen, i)).collect();
+    for r in other {
+        match at.get(&r.listen) {
+            Some(&i) => add_all(&mut into[i].values, &r.values),
+            None => into.push(r.clone()),
         }
     }
 }
 
-/// The three tables' parts of a values vector.
-fn split<'a>(tcp: &TcpRelay, udp: &UdpRelay, v: &'a [u64]) -> Option<(&'a [u64], &'a [u64], &'a [u64])> {
-    let t = series_count(TCP_STATS) * tcp.listeners.len();
-    let u = series_count(UDP_STATS) * udp.listeners.len();
-    let p = series_count(PROCESS_STATS);
-    (v.len() == t + u + p).then(|| (&v[..t], &v[t..t + u], &v[t + u..]))
+fn add_all(into: &mut [u64], other: &[u64]) {
+    for (a, b) in into.iter_mut().zip(other) {
+        *a += b;
+    }
 }
 
-/// Appends ` key value` for each series of `stats` for listener `i` of `n`.
-fn line_fields<R>(out: &mut String, stats: &[Stat<R>], v: &[u64], n: usize, i: usize) {
-    for (k, s) in stats.iter().flat_map(|s| s.series).enumerate() {
-        let _ = write!(out, " {} {}", s.key, v[k * n + i]);
+/// Every series of `stats` for listener `key`.
+fn row_values<R>(stats: &[Stat<R>], r: &R, key: Key) -> Vec<u64> {
+    stats.iter().flat_map(|s| s.series).map(|s| (s.read)(r, key)).collect()
+}
+
+/// This loop's statistics.
+pub(crate) fn snapshot(tcp: &TcpRelay, udp: &UdpRelay) -> Snapshot {
+    Snapshot {
+        tcp: tcp
+            .listeners
+            .iter()
+            .map(|(k, l)| Row { listen: l.addr, target: l.route.target, values: row_values(TCP_STATS, tcp, k) })
+            .collect(),
+        udp: udp
+            .listeners
+            .iter()
+            .map(|(k, l)| Row { listen: l.addr, target: l.target, values: row_values(UDP_STATS, udp, k) })
+            .collect(),
+        process: row_values(PROCESS_STATS, tcp, Key::from_parts(0, 0)),
+    }
+}
+
+/// Appends ` key value` for each series of `stats` in `values`.
+fn line_fields<R>(out: &mut String, stats: &[Stat<R>], values: &[u64]) {
+    for (s, v) in stats.iter().flat_map(|s| s.series).zip(values) {
+        let _ = write!(out, " {} {v}", s.key);
     }
 }
 
 /// Appends each statistic of `stats` in the Prometheus text format, one
-/// row per series and listener (`labels[i]` names listener `i`).
-fn page_rows<R>(out: &mut String, stats: &[Stat<R>], v: &[u64], labels: &[String]) {
-    let n = labels.len();
+/// row per series and forward (`labels[i]` names `rows[i]`).
+fn page_rows<R>(out: &mut String, stats: &[Stat<R>], rows: &[&[u64]], labels: &[String]) {
     let mut k = 0;
     for st in stats {
         let _ =
             writeln!(out, "# HELP splice_relay_{} {}\n# TYPE splice_relay_{} {}", st.name, st.help, st.name, st.kind);
-        for (i, base) in labels.iter().enumerate() {
+        for (values, base) in rows.iter().zip(labels) {
             for (j, s) in st.series.iter().enumerate() {
-                let v = v[(k + j) * n + i];
+                let v = values.get(k + j).copied().unwrap_or_default();
                 let _ = match (base.is_empty(), s.labels.is_empty()) {
                     (true, true) => writeln!(out, "splice_relay_{} {v}", st.name),
                     (false, false) => writeln!(out, "splice_relay_{}{{{base},{}}} {v}", st.name, s.labels),
@@ -281,25 +312,27 @@ fn page_rows<R>(out: &mut String, stats: &[Stat<R>], v: &[u64], labels: &[String
     }
 }
 
-/// One log line per forward, one for the pipes, and with several loops one
-/// for each loop's connections; `v` is [`values`], summed over the loops.
-pub(crate) fn stats_lines(tcp: &TcpRelay, udp: &UdpRelay, v: &[u64], threads: &[Published]) -> Vec<String> {
+/// One log line per forward, one for the pipes, one for reloads if any,
+/// and with several loops one for each loop's connections; `snap` is
+/// summed over the loops.
+pub(crate) fn stats_lines(snap: &Snapshot, threads: &[Published], reloads: &Reloads) -> Vec<String> {
     let mut out = Vec::new();
-    let Some((tv, uv, pv)) = split(tcp, udp, v) else { return out };
-    let (nt, nu) = (tcp.listeners.len(), udp.listeners.len());
-    for (i, l) in tcp.listeners.iter().enumerate() {
-        let mut line = format!("stats tcp {} -> {}:", l.addr, l.route.target);
-        line_fields(&mut line, TCP_STATS, tv, nt, i);
+    for r in &snap.tcp {
+        let mut line = format!("stats tcp {} -> {}:", r.listen, r.target);
+        line_fields(&mut line, TCP_STATS, &r.values);
         out.push(line);
     }
-    for (i, l) in udp.listeners.iter().enumerate() {
-        let mut line = format!("stats udp {} -> {}:", l.addr, l.target);
-        line_fields(&mut line, UDP_STATS, uv, nu, i);
+    for r in &snap.udp {
+        let mut line = format!("stats udp {} -> {}:", r.listen, r.target);
+        line_fields(&mut line, UDP_STATS, &r.values);
         out.push(line);
     }
     let mut line = String::from("stats pipes");
-    line_fields(&mut line, PROCESS_STATS, pv, 1, 0);
+    line_fields(&mut line, PROCESS_STATS, &snap.process);
     out.push(line);
+    if reloads.total > 0 {
+        out.push(format!("stats reloads {} failed {}", reloads.total, reloads.failed));
+    }
     if threads.len() > 1 {
         let list = |f: fn(&Published) -> u64| threads.iter().map(|p| f(p).to_string()).collect::<Vec<_>>().join(",");
         out.push(format!("stats threads open {} accepted {}", list(|p| p.open), list(|p| p.accepted)));
@@ -307,17 +340,68 @@ pub(crate) fn stats_lines(tcp: &TcpRelay, udp: &UdpRelay, v: &[u64], threads: &[
     out
 }
 
+/// Reloads (SIGHUP) so far, kept by loop 0.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Reloads {
+    /// Reloads asked for.
+    pub(crate) total: u64,
+    /// Of those, the ones refused (the running configuration stayed) or
+    /// applied only in part.
+    pub(crate) failed: u64,
+    /// Whether the last one was applied whole (true before any).
+    pub(crate) last_ok: bool,
+    /// When the configuration running now was read: the start, or the
+    /// last good reload (seconds since the Unix epoch).
+    pub(crate) last_good: u64,
+}
+
+impl Reloads {
+    /// No reload yet; the configuration was read now.
+    pub(crate) fn new() -> Self {
+        Reloads { total: 0, failed: 0, last_ok: true, last_good: unix_now() }
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 /// The same statistics in the Prometheus text exposition format, and with
 /// several loops each loop's connections.
-pub(crate) fn prometheus(tcp: &TcpRelay, udp: &UdpRelay, v: &[u64], threads: &[Published]) -> String {
+pub(crate) fn prometheus(snap: &Snapshot, threads: &[Published], reloads: &Reloads) -> String {
     let mut o = String::new();
-    let Some((tv, uv, pv)) = split(tcp, udp, v) else { return o };
-    let listen = |addr: SocketAddr, target: SocketAddr| format!("listen=\"{addr}\",target=\"{target}\"");
-    let tl: Vec<String> = tcp.listeners.iter().map(|l| listen(l.addr, l.route.target)).collect();
-    page_rows(&mut o, TCP_STATS, tv, &tl);
-    let ul: Vec<String> = udp.listeners.iter().map(|l| listen(l.addr, l.target)).collect();
-    page_rows(&mut o, UDP_STATS, uv, &ul);
-    page_rows(&mut o, PROCESS_STATS, pv, &[String::new()]);
+    let listen = |r: &Row| format!("listen=\"{}\",target=\"{}\"", r.listen, r.target);
+    let (tv, tl): (Vec<&[u64]>, Vec<String>) = snap.tcp.iter().map(|r| (&r.values[..], listen(r))).unzip();
+    page_rows(&mut o, TCP_STATS, &tv, &tl);
+    let (uv, ul): (Vec<&[u64]>, Vec<String>) = snap.udp.iter().map(|r| (&r.values[..], listen(r))).unzip();
+    page_rows(&mut o, UDP_STATS, &uv, &ul);
+    page_rows(&mut o, PROCESS_STATS, &[&snap.process], &[String::new()]);
+    let mut one = |name: &str, kind: &str, help: &str, v: u64| {
+        let _ = writeln!(
+            o,
+            "# HELP splice_relay_{name} {help}\n# TYPE splice_relay_{name} {kind}\nsplice_relay_{name} {v}"
+        );
+    };
+    one("reloads_total", "counter", "Reloads asked for (SIGHUP).", reloads.total);
+    one(
+        "reloads_failed_total",
+        "counter",
+        "Reloads refused (a configuration error: the running one stays) or applied only in part.",
+        reloads.failed,
+    );
+    one(
+        "config_last_reload_successful",
+        "gauge",
+        "1 if the last reload was applied whole (or there was none), else 0.",
+        u64::from(reloads.last_ok),
+    );
+    one(
+        "config_last_reload_success_timestamp_seconds",
+        "gauge",
+        "When the configuration running now was read: the start or the last good reload (Unix time).",
+        reloads.last_good,
+    );
     if threads.len() > 1 {
         let mut family = |name: &str, kind: &str, help: &str, f: fn(&Published) -> u64| {
             let _ = writeln!(o, "# HELP splice_relay_{name} {help}\n# TYPE splice_relay_{name} {kind}");

@@ -8,83 +8,95 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use crate::reload::Plan;
 use crate::udp::flow_table::PortHold;
 
 /// A counter with an optional bound: `reserve` takes one unless the bound is
-/// reached, `release` gives one back. Without a bound it counts nothing.
+/// reached, `release` gives one back. It always counts, so a bound set by a
+/// reload is exact at once.
 pub(crate) struct Bounded {
-    max: usize,
+    /// The bound (0: none); a reload may change it.
+    max: AtomicUsize,
     used: AtomicUsize,
 }
 
 impl Bounded {
-    /// A counter bounded by `max` (0: no bound, nothing counted).
+    /// A counter bounded by `max` (0: no bound).
     pub(crate) fn new(max: usize) -> Self {
-        Bounded { max, used: AtomicUsize::new(0) }
+        Bounded { max: AtomicUsize::new(max), used: AtomicUsize::new(0) }
+    }
+
+    /// Sets the bound (0: none); what is taken stays taken.
+    pub(crate) fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Release);
     }
 
     /// True when a bound is set.
     pub(crate) fn is_bounded(&self) -> bool {
-        self.max != 0
+        self.max.load(Ordering::Acquire) != 0
     }
 
     /// Takes one unit; false when the bound is reached (nothing taken).
     pub(crate) fn reserve(&self) -> bool {
-        self.max == 0
-            || self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1)).is_ok()
+        let max = self.max.load(Ordering::Acquire);
+        self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (max == 0 || n < max).then_some(n + 1)).is_ok()
     }
 
     /// Gives back a unit taken by `reserve`.
     pub(crate) fn release(&self) {
-        if self.max != 0 {
-            let _ = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
-        }
+        let _ = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
     /// True when the bound is reached.
     pub(crate) fn full(&self) -> bool {
-        self.max != 0 && self.used.load(Ordering::Acquire) >= self.max
+        let max = self.max.load(Ordering::Acquire);
+        max != 0 && self.used.load(Ordering::Acquire) >= max
     }
 }
 
 /// Open connections per client address, for `--max-connections-per-source`,
 /// over every loop; untouched when no such limit is set.
 pub(crate) struct Sources {
-    max: usize,
+    /// The limit (0: none); a reload may change it.
+    max: AtomicUsize,
     open: Mutex<HashMap<IpAddr, u32>>,
 }
 
 impl Sources {
     /// Sources limited to `max` connections each (0: no limit).
     pub(crate) fn new(max: usize) -> Self {
-        Sources { max, open: Mutex::new(HashMap::new()) }
+        Sources { max: AtomicUsize::new(max), open: Mutex::new(HashMap::new()) }
     }
 
     /// The limit (0: none).
     pub(crate) fn max(&self) -> usize {
-        self.max
+        self.max.load(Ordering::Acquire)
     }
 
-    /// True when a limit is set, so connections are counted.
-    pub(crate) fn counts(&self) -> bool {
-        self.max != 0
+    /// Sets the limit for connections admitted from now on (0: none). A
+    /// connection admitted while no limit was set is not counted.
+    pub(crate) fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Release);
     }
 
     /// Counts one more connection from `ip`, unless it is at the limit.
-    pub(crate) fn admit(&self, ip: IpAddr) -> bool {
-        if self.max == 0 {
-            return true;
+    /// `Some(true)`: admitted and counted (release it later); `Some(false)`:
+    /// admitted, no limit set, nothing counted; `None`: refused.
+    pub(crate) fn admit(&self, ip: IpAddr) -> Option<bool> {
+        let max = self.max();
+        if max == 0 {
+            return Some(false);
         }
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let n = open.entry(ip).or_default();
-        if *n as usize >= self.max {
+        if *n as usize >= max {
             if *n == 0 {
                 open.remove(&ip);
             }
-            return false;
+            return None;
         }
         *n += 1;
-        true
+        Some(true)
     }
 
     /// Counts one connection from `ip` fewer.
@@ -102,8 +114,8 @@ impl Sources {
 /// One loop's statistics as it last published them.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Published {
-    /// Every series value, in the order `metrics::values` writes them.
-    pub(crate) values: Vec<u64>,
+    /// Every statistic of the loop.
+    pub(crate) snapshot: crate::metrics::Snapshot,
     /// TCP connections open in that loop.
     pub(crate) open: u64,
     /// TCP connections that loop accepted since start.
@@ -141,6 +153,13 @@ pub(crate) struct Shared {
     pub(crate) published: Vec<Mutex<Published>>,
     /// Local ports of recently closed UDP flow sockets, over every loop.
     ports: Mutex<PortHold>,
+    /// Each loop's part of a reload, handed over by loop 0.
+    plans: Vec<Mutex<Option<Plan>>>,
+    /// Set when a loop's plan is waiting (checked every iteration).
+    plan_ready: Vec<AtomicBool>,
+    /// Plans handed out and not applied yet: loop 0 says a reload is done
+    /// only once every loop has applied its part.
+    plans_out: AtomicUsize,
 }
 
 impl Shared {
@@ -156,6 +175,9 @@ impl Shared {
             sources: Sources::new(max_per_source),
             published: (0..n).map(|_| Mutex::new(Published::default())).collect(),
             ports: Mutex::new(PortHold::new(crate::udp::PORT_HOLD)),
+            plans: (0..n).map(|_| Mutex::new(None)).collect(),
+            plan_ready: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            plans_out: AtomicUsize::new(0),
             wakers,
         }
     }
@@ -163,6 +185,33 @@ impl Shared {
     /// The held UDP flow ports (a lock, taken when a flow opens or closes).
     pub(crate) fn held_ports(&self) -> std::sync::MutexGuard<'_, PortHold> {
         self.ports.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands loop `me` its part of a reload, and wakes it.
+    pub(crate) fn give_plan(&self, me: usize, plan: Plan) {
+        *self.plans[me].lock().unwrap_or_else(|e| e.into_inner()) = Some(plan);
+        self.plans_out.fetch_add(1, Ordering::AcqRel);
+        self.plan_ready[me].store(true, Ordering::Release);
+        let _ = self.wakers[me].wake();
+    }
+
+    /// Loop `me`'s part of a reload, if one is waiting.
+    pub(crate) fn take_plan(&self, me: usize) -> Option<Plan> {
+        if !self.plan_ready[me].swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        self.plans[me].lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Loop `me` applied its plan: wakes loop 0, which waits for all of them.
+    pub(crate) fn plan_applied(&self) {
+        self.plans_out.fetch_sub(1, Ordering::AcqRel);
+        let _ = self.wakers[0].wake();
+    }
+
+    /// True while some loop has a plan it has not applied.
+    pub(crate) fn plans_out(&self) -> bool {
+        self.plans_out.load(Ordering::Acquire) > 0
     }
 
     /// How many loops there are.
@@ -181,10 +230,10 @@ impl Shared {
 
     /// A connection closed: wakes a loop waiting on `--max-connections`.
     pub(crate) fn release_connection(&self) {
+        self.connections.release();
         if !self.connections.is_bounded() {
             return;
         }
-        self.connections.release();
         for (i, b) in self.blocked.iter().enumerate() {
             if b.load(Ordering::Acquire) {
                 let _ = self.wakers[i].wake();
@@ -209,7 +258,11 @@ mod tests {
             assert!(none.reserve());
         }
         assert!(!none.full());
+        // A bound set later (a reload) counts what was taken before it.
+        none.set_max(10);
+        assert!(none.full() && !none.reserve());
         none.release();
+        assert!(none.reserve());
         let b = Bounded::new(1);
         b.release();
         assert!(b.reserve() && !b.reserve(), "a release below zero must not create room");
@@ -232,10 +285,10 @@ mod tests {
         let s = Sources::new(1);
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
-        assert!(s.admit(a) && s.admit(b));
-        assert!(!s.admit(a));
+        assert_eq!((s.admit(a), s.admit(b)), (Some(true), Some(true)));
+        assert_eq!(s.admit(a), None);
         s.release(a);
-        assert!(s.admit(a));
-        assert!(Sources::new(0).admit(a));
+        assert_eq!(s.admit(a), Some(true));
+        assert_eq!(Sources::new(0).admit(a), Some(false));
     }
 }

@@ -113,6 +113,11 @@ impl<T> Slab<T> {
         self.len
     }
 
+    /// Every stored value, mutably.
+    pub(crate) fn values_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.slots.iter_mut().filter_map(|s| s.value.as_mut())
+    }
+
     /// Every stored (key, value).
     pub(crate) fn iter(&self) -> impl Iterator<Item = (Key, &T)> {
         self.slots

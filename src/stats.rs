@@ -39,6 +39,9 @@ pub enum DropReason {
     SendBufferFull = 3,
     /// The client is not allowed by the access lists.
     Denied = 4,
+    /// A new client of a forward a reload removed: its flows run on, no
+    /// new one opens.
+    Removed = 5,
 }
 
 /// UDP counters of one direction of one listener. Every datagram received
@@ -53,7 +56,7 @@ pub struct UdpDirStats {
     /// Payload bytes of the datagrams sent (a PROXY header not included).
     pub bytes_sent: u64,
     /// Datagrams dropped, by `DropReason as usize`.
-    pub dropped: [u64; 5],
+    pub dropped: [u64; 6],
 }
 
 impl UdpDirStats {

@@ -19,6 +19,16 @@ pub(crate) fn notify(state: &str) {
     }
 }
 
+/// Tells the service manager a reload began: `RELOADING=1` with the
+/// monotonic time, as `Type=notify-reload` asks (`READY=1` follows once
+/// the reload is done or refused).
+pub(crate) fn notify_reloading() {
+    let usec = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+        .unwrap_or(0);
+    notify(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
+}
+
 fn send(path: &OsStr, state: &str) -> io::Result<()> {
     let addr = address(path.as_bytes())?;
     let sock = UnixDatagram::unbound()?;

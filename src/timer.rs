@@ -17,7 +17,11 @@ pub enum Timer {
     /// the key's generation makes it miss a connection that took the slot later.
     Conn(Key),
     /// A listener paused after EMFILE/ENFILE/ENOBUFS/ENOMEM may accept again.
-    Listener(usize),
+    Listener(Key),
+    /// A listener retired by a reload has drained for `--drain-timeout`.
+    Retired(Key),
+    /// A UDP listener retired by a reload has drained for `--drain-timeout`.
+    UdpRetired(Key),
     /// Idle UDP flows are expired.
     UdpSweep,
     /// The drain after SIGTERM is over.
@@ -66,12 +70,12 @@ mod tests {
         let t0 = Instant::now();
         let mut timers = Timers::default();
         timers.add(t0 + Duration::from_secs(2), Timer::Drain);
-        timers.add(t0 + Duration::from_secs(1), Timer::Listener(3));
+        timers.add(t0 + Duration::from_secs(1), Timer::Listener(Key::from_parts(3, 0)));
         timers.add(t0 + Duration::from_secs(5), Timer::UdpSweep);
         assert_eq!(timers.next_timeout(t0), Some(Duration::from_secs(1)));
         assert_eq!(timers.pop_due(t0), None);
         let t3 = t0 + Duration::from_secs(3);
-        assert_eq!(timers.pop_due(t3), Some(Timer::Listener(3)));
+        assert_eq!(timers.pop_due(t3), Some(Timer::Listener(Key::from_parts(3, 0))));
         assert_eq!(timers.pop_due(t3), Some(Timer::Drain));
         assert_eq!(timers.pop_due(t3), None);
         assert_eq!(timers.next_timeout(t3), Some(Duration::from_secs(2)));

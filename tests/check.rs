@@ -135,3 +135,33 @@ fn unresolvable_hosts_and_missing_forwards_exit_2() {
     assert_eq!(code, 2);
     assert!(err.starts_with("splice-relay: cannot read config file /nonexistent/splice-relay.conf"), "{err}");
 }
+
+/// Option lines in a config file: checked like the command line's, each
+/// problem named by file and line; `-c` and `--check` may not appear there.
+#[test]
+fn option_lines_are_checked_with_their_line() {
+    let good = TempConf::new(
+        "options-good",
+        "--idle-timeout 30s\n--allow=127.0.0.0/8\n--accept-proxy # trusted below\n--trusted-proxies 10.0.0.0/8\n127.0.0.1:1=127.0.0.1:2\n",
+    );
+    let (code, out, err) = check(&["-c", good.path()]);
+    assert_eq!((code, err.as_str()), (0, ""), "stdout: {out}");
+    let bad = TempConf::new(
+        "options-bad",
+        "--idle-timeout soon\n--config other.conf\n--accept-proxy extra\n--no-such-option\n127.0.0.1:1=127.0.0.1:2\n",
+    );
+    let (code, out, err) = check(&["-c", bad.path()]);
+    assert_eq!((code, out.as_str()), (2, ""), "stderr: {err}");
+    let p = bad.path();
+    let want = [
+        format!("splice-relay: {p}:1: invalid value 'soon' for '--idle-timeout <DURATION>'"),
+        format!("splice-relay: {p}:2: \"--config\" cannot be used in a config file"),
+        format!("splice-relay: {p}:3: \"--accept-proxy extra\": one option (and its value) per line"),
+        format!("splice-relay: {p}:4: unexpected argument '--no-such-option' found"),
+    ];
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), want.len(), "{err}");
+    for (line, want) in lines.iter().zip(&want) {
+        assert!(line.starts_with(want.as_str()), "{line:?}\nwanted it to start with {want:?}");
+    }
+}

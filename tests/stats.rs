@@ -73,7 +73,7 @@ fn sigusr1_stats_and_metrics_count_exactly() {
         "stats udp 127.0.0.1:{port} -> 127.0.0.1:{q}: flows 1 flows_total 1 transparent_flows 0 transparent_fallbacks 0 \
          received_up {DATAGRAMS} \
          received_down {DATAGRAMS} sent_up {DATAGRAMS} sent_down {DATAGRAMS} bytes_sent_up {} bytes_sent_down {} \
-         dropped_truncated_up 0 dropped_no_flow_up 0 dropped_send_error_up 0 dropped_send_buffer_full_up 0 dropped_denied_up 0 \
+         dropped_truncated_up 0 dropped_no_flow_up 0 dropped_send_error_up 0 dropped_send_buffer_full_up 0 dropped_denied_up 0 dropped_removed_up 0 \
          dropped_truncated_down 0 dropped_send_error_down 0 dropped_send_buffer_full_down 0",
         DATAGRAMS * 100,
         DATAGRAMS * 100

@@ -1,4 +1,5 @@
-//! `Type=notify`: READY=1 once every listener is bound, STOPPING=1 when
+//! `Type=notify`: READY=1 once every listener is bound, RELOADING=1 and
+//! READY=1 around a reload (SIGHUP), STOPPING=1 when
 //! SIGTERM starts the exit or the drain, as datagrams to NOTIFY_SOCKET
 //! (a path, or an abstract name written `@name`).
 mod common;
@@ -91,4 +92,39 @@ fn a_dead_notify_socket_is_only_a_warning() {
     r.expect_log("cannot tell the service manager READY=1");
     echo_once(&format!("127.0.0.1:{}", r.port()), 2, 1000);
     r.assert_alive();
+}
+
+/// SIGHUP: RELOADING=1 with MONOTONIC_USEC (as `Type=notify-reload` wants),
+/// then READY=1 once the reload is applied, or refused: the same pair for
+/// a config with an error. Then STOPPING=1 on SIGTERM.
+#[test]
+fn reloading_then_ready_around_each_reload() {
+    let n = NotifySocket::bind("reload");
+    let backend = echo_server("127.0.0.1:0");
+    let conf = std::env::temp_dir().join(format!("splice-relay-notify-{}-reload.conf", std::process::id()));
+    let mut r = Relay::cmd().env("NOTIFY_SOCKET", n.path.to_str().unwrap()).start(|p| {
+        std::fs::write(&conf, format!("127.0.0.1:{}={backend}\n", p.pick())).unwrap();
+        argv(["--threads", "2", "-c", conf.to_str().unwrap()])
+    });
+    assert_eq!(next_state(&n.sock).as_deref(), Some("READY=1"), "{}", r.log());
+    let reloading = |n: &NotifySocket, r: &Relay| {
+        let state = next_state(&n.sock).unwrap_or_default();
+        let usec = state.strip_prefix("RELOADING=1\nMONOTONIC_USEC=").and_then(|u| u.parse::<u64>().ok());
+        assert!(usec.is_some_and(|u| u > 0), "{state:?}\n{}", r.log());
+    };
+    let added = free_port();
+    std::fs::write(&conf, format!("127.0.0.1:{}={backend}\n127.0.0.1:{added}={backend}\n", r.port())).unwrap();
+    r.signal(1);
+    reloading(&n, &r);
+    assert_eq!(next_state(&n.sock).as_deref(), Some("READY=1"), "{}", r.log());
+    echo_once(&format!("127.0.0.1:{added}"), 3, 1000);
+    std::fs::write(&conf, "not a forward\n").unwrap();
+    r.signal(1);
+    reloading(&n, &r);
+    assert_eq!(next_state(&n.sock).as_deref(), Some("READY=1"), "{}", r.log());
+    r.expect_log("reload failed");
+    r.signal(SIGTERM);
+    assert_eq!(next_state(&n.sock).as_deref(), Some("STOPPING=1"), "{}", r.log());
+    assert!(r.wait_exit(PATIENCE).expect("exits after SIGTERM").success());
+    let _ = std::fs::remove_file(&conf);
 }

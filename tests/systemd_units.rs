@@ -35,6 +35,9 @@ fn root() -> Root {
         std::fs::create_dir_all(dir).unwrap();
     }
     std::fs::copy(BIN, bin.join("splice-relay")).unwrap();
+    // ExecReload=/bin/kill -HUP $MAINPID.
+    std::fs::create_dir_all(root.0.join("bin")).unwrap();
+    std::fs::copy("/bin/kill", root.0.join("bin/kill")).expect("/bin/kill (procps)");
     let system = ["/usr/lib/systemd/system", "/lib/systemd/system"]
         .into_iter()
         .find(|d| Path::new(d).join("sysinit.target").exists())

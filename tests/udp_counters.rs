@@ -72,7 +72,7 @@ impl Want {
             "stats udp {listen} -> {target}: flows {} flows_total {} transparent_flows 0 transparent_fallbacks 0 \
              received_up {} received_down {} \
              sent_up {} sent_down {} bytes_sent_up {} bytes_sent_down {} dropped_truncated_up 0 \
-             dropped_no_flow_up 0 dropped_send_error_up {} dropped_send_buffer_full_up 0 dropped_denied_up 0 \
+             dropped_no_flow_up 0 dropped_send_error_up {} dropped_send_buffer_full_up 0 dropped_denied_up 0 dropped_removed_up 0 \
              dropped_truncated_down 0 dropped_send_error_down {} dropped_send_buffer_full_down 0",
             self.flows,
             self.flows_total,

@@ -190,7 +190,7 @@ struct HeaderOut {
 /// A relayed connection.
 pub(crate) struct Connection {
     /// The listener (and so the forward) it came through.
-    pub(crate) listener: usize,
+    pub(crate) listener: Key,
     /// The client's address (from its PROXY header on accept-proxy forwards).
     pub(crate) peer: SocketAddr,
     /// The address the client connected to.
@@ -213,7 +213,7 @@ pub(crate) struct Connection {
 
 impl Connection {
     /// A freshly accepted client; `drive` takes it from here.
-    pub(crate) fn new(listener: usize, client: TcpStream, peer: SocketAddr, local: SocketAddr, now: Instant) -> Self {
+    pub(crate) fn new(listener: Key, client: TcpStream, peer: SocketAddr, local: SocketAddr, now: Instant) -> Self {
         Connection {
             listener,
             peer,
@@ -258,10 +258,10 @@ impl Connection {
                     return Progress::Closed(End::Reset(Why::Denied));
                 }
             }
-            if !env.sources.admit(self.peer.ip()) {
-                return Progress::Closed(End::Reset(Why::SourceLimit));
+            match env.sources.admit(self.peer.ip()) {
+                None => return Progress::Closed(End::Reset(Why::SourceLimit)),
+                Some(counted) => self.source = counted.then_some(self.peer.ip()),
             }
-            self.source = env.sources.counts().then_some(self.peer.ip());
             let from = match transparent::source(env.route.transparent, self.peer, env.route.target, false) {
                 Source::Client(from) => Some(from),
                 Source::Own => None,

@@ -14,12 +14,12 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry};
 
-use crate::reactor::{Ctx, Kind, fixed_token};
+use crate::reactor::{Ctx, Kind, token};
 use crate::shared::Shared;
 use crate::slab::{Key, Slab};
 use crate::stats::TcpStats;
@@ -53,11 +53,25 @@ pub struct TcpSettings {
     pub trusted: Vec<crate::cidr::Cidr>,
 }
 
+impl Listener {
+    /// True while it accepts (not drained, not retired).
+    pub(crate) fn is_listening(&self) -> bool {
+        self.sock.is_some()
+    }
+}
+
 /// What one listener relays to.
 pub struct Listener {
+    /// None once closed (a drain, or its forward removed by a reload).
     sock: Option<TcpListener>,
     /// The listening address.
     pub addr: SocketAddr,
+    /// The forward's listen address as configured (port 0 stays 0): what
+    /// a reload matches forwards by.
+    pub(crate) configured: SocketAddr,
+    /// When a reload removed its forward: its connections run on, and the
+    /// listener goes once the last one ends (ARCHITECTURE.md, "Reload").
+    pub(crate) retired_at: Option<Instant>,
     /// Where connections go, and how.
     pub(crate) route: Route,
     readable: bool,
@@ -72,8 +86,8 @@ pub struct Listener {
 
 /// All TCP listeners and connections of the process.
 pub struct TcpRelay {
-    /// The listeners, indexed by their token.
-    pub listeners: Vec<Listener>,
+    /// The listeners, by the key in their token.
+    pub(crate) listeners: Slab<Listener>,
     conns: Slab<Connection>,
     /// The pipe pool.
     pub pool: PipePool,
@@ -82,7 +96,7 @@ pub struct TcpRelay {
     /// Bytes per direction each turn may read this iteration.
     budget: usize,
     /// Listeners left readable after MAX_ACCEPT accepts.
-    accept_later: Vec<usize>,
+    accept_later: Vec<Key>,
     /// Limits over every loop, and this loop's place among them.
     shared: Arc<Shared>,
     /// This loop's index.
@@ -99,7 +113,7 @@ impl TcpRelay {
     /// An empty relay with these settings.
     pub(crate) fn new(settings: TcpSettings, shared: Arc<Shared>, me: usize) -> Self {
         TcpRelay {
-            listeners: Vec::new(),
+            listeners: Slab::default(),
             conns: Default::default(),
             pool: PipePool::new(settings.pipe_size, settings.pipe_spare),
             ready: Vec::new(),
@@ -114,33 +128,24 @@ impl TcpRelay {
         }
     }
 
-    /// Adds a listening socket whose connections go by `route`; `exclusive`:
-    /// the socket is shared by every loop (registered with EPOLLEXCLUSIVE).
+    /// Adds a listening socket for the forward configured to listen on
+    /// `configured`, whose connections go by `route`; `exclusive`: the
+    /// socket is shared by every loop (registered with EPOLLEXCLUSIVE).
     pub(crate) fn add_listener(
         &mut self,
         sock: std::net::TcpListener,
+        configured: SocketAddr,
         route: Route,
         registry: &Registry,
         exclusive: bool,
     ) -> io::Result<()> {
-        sock.set_nonblocking(true)?;
-        let addr = sock.local_addr()?;
-        // Accepted sockets inherit TCP_NODELAY: one setsockopt per listener, not per client.
-        let nodelay_inherited = crate::sys::set_nodelay(std::os::fd::AsFd::as_fd(&sock)).is_ok();
-        // Urgent bytes stay in band on accepted sockets (ARCHITECTURE.md, "Urgent data").
-        crate::sys::set_oob_inline(std::os::fd::AsFd::as_fd(&sock))?;
-        let mut sock = TcpListener::from_std(sock);
-        let token = fixed_token(Kind::Listener, self.listeners.len());
-        if exclusive {
-            // One socket waited on by every loop (ARCHITECTURE.md, Threads).
-            use std::os::fd::AsRawFd;
-            crate::sys::register_exclusive(registry.as_raw_fd(), std::os::fd::AsFd::as_fd(&sock), token.0)?;
-        } else {
-            registry.register(&mut sock, token, Interest::READABLE)?;
-        }
-        self.listeners.push(Listener {
+        let key = self.listeners.vacant_key();
+        let (sock, addr, nodelay_inherited) = listen_on(sock, key, registry, exclusive)?;
+        self.listeners.insert(Listener {
             sock: Some(sock),
             addr,
+            configured,
+            retired_at: None,
             route,
             readable: true,
             paused: false,
@@ -149,6 +154,102 @@ impl TcpRelay {
             stats: TcpStats::default(),
         });
         Ok(())
+    }
+
+    /// Applies a reload (ARCHITECTURE.md, "Reload"): a listener whose
+    /// listen address is still configured keeps its socket and takes the
+    /// forward's new route for new connections; one whose forward is gone
+    /// closes its socket and is retired, its connections running on (for
+    /// at most `drain` if set); `fresh` are sockets bound for the forwards
+    /// new to this loop (or back while their old listener is retired).
+    pub(crate) fn reload(
+        &mut self,
+        forwards: &[crate::config::Forward],
+        fresh: Vec<(usize, std::os::fd::OwnedFd, bool)>,
+        settings: TcpSettings,
+        drain: Duration,
+        ctx: &mut Ctx<'_>,
+    ) {
+        // Pipes are sized and splice chosen at start: those stay.
+        self.settings = TcpSettings { splice: self.settings.splice, pipe_size: self.settings.pipe_size, ..settings };
+        let keys: Vec<Key> = self.listeners.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let Some(l) = self.listeners.get_mut(key) else { continue };
+            if l.sock.is_none() {
+                continue;
+            }
+            match forwards.iter().find(|f| f.proto.tcp() && f.listen == l.configured) {
+                Some(f) => {
+                    if l.route.target != f.target {
+                        log::info!("tcp {}: new connections go to {} (was {})", l.addr, f.target, l.route.target);
+                    }
+                    l.route = f.route();
+                }
+                None => {
+                    l.sock = None;
+                    l.retired_at = Some(ctx.now);
+                    match l.stats.open {
+                        0 => log::info!("tcp {} -> {}: removed", l.addr, l.route.target),
+                        open => log::info!(
+                            "tcp {} -> {}: removed; no longer accepting, {open} connections left to finish",
+                            l.addr,
+                            l.route.target
+                        ),
+                    }
+                    if l.stats.open == 0 {
+                        self.listeners.remove(key);
+                    } else if !drain.is_zero() {
+                        ctx.timers.add(ctx.now + drain, Timer::Retired(key));
+                    }
+                }
+            }
+        }
+        for (fi, fd, exclusive) in fresh {
+            let Some(f) = forwards.get(fi) else { continue };
+            let std = std::net::TcpListener::from(fd);
+            let retired =
+                self.listeners.iter().find(|(_, l)| l.sock.is_none() && l.configured == f.listen).map(|(k, _)| k);
+            let added = match retired {
+                // Back before its connections ended: the same listener (and counters) again.
+                Some(key) => listen_on(std, key, ctx.registry, exclusive).map(|(sock, addr, nodelay)| {
+                    if let Some(l) = self.listeners.get_mut(key) {
+                        (l.sock, l.addr, l.nodelay_inherited, l.retired_at) = (Some(sock), addr, nodelay, None);
+                        (l.route, l.readable, l.paused) = (f.route(), true, false);
+                    }
+                    key
+                }),
+                None => {
+                    let key = self.listeners.vacant_key();
+                    self.add_listener(std, f.listen, f.route(), ctx.registry, exclusive).map(|()| key)
+                }
+            };
+            match added {
+                Ok(key) => {
+                    log::info!("listening on tcp {} -> {}", f.listen, f.target);
+                    self.accept(key, ctx);
+                }
+                Err(e) => log::error!("reload: cannot use tcp listener {}: {e}", f.listen),
+            }
+        }
+    }
+
+    /// A retired listener's drain is over: resets what is left of its
+    /// connections, unless it came back or was retired again since.
+    pub(crate) fn retired_timer(&mut self, key: Key, drain: Duration, ctx: &mut Ctx<'_>) {
+        let Some(l) = self.listeners.get(key) else { return };
+        if l.retired_at.is_none_or(|at| at + drain > ctx.now) {
+            return;
+        }
+        let conns: Vec<Key> = self.conns.iter().filter(|(_, c)| c.listener == key).map(|(k, _)| k).collect();
+        log::info!("tcp {}: drain timeout reached; resetting {} connections", l.addr, conns.len());
+        for k in conns {
+            self.finish(k, End::Reset(Why::Shutdown), ctx);
+        }
+    }
+
+    /// Counters of listener `key` (zero if it is gone).
+    pub(crate) fn listener_stats(&self, key: Key) -> TcpStats {
+        self.listeners.get(key).map(|l| l.stats).unwrap_or_default()
     }
 
     /// Open connections.
@@ -164,13 +265,16 @@ impl TcpRelay {
 
     /// Closes every listener (drain on SIGTERM): new clients are refused.
     pub fn stop_accepting(&mut self) {
-        for l in &mut self.listeners {
-            l.sock = None;
+        let keys: Vec<Key> = self.listeners.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            if let Some(l) = self.listeners.get_mut(key) {
+                l.sock = None;
+            }
         }
     }
 
     /// A listener became readable.
-    pub(crate) fn listener_event(&mut self, idx: usize, ctx: &mut Ctx<'_>) {
+    pub(crate) fn listener_event(&mut self, idx: Key, ctx: &mut Ctx<'_>) {
         if let Some(l) = self.listeners.get_mut(idx) {
             l.readable = true;
             let before = self.accepted;
@@ -182,7 +286,7 @@ impl TcpRelay {
     }
 
     /// A paused listener's rest is over.
-    pub(crate) fn listener_timer(&mut self, idx: usize, ctx: &mut Ctx<'_>) {
+    pub(crate) fn listener_timer(&mut self, idx: Key, ctx: &mut Ctx<'_>) {
         if let Some(l) = self.listeners.get_mut(idx) {
             l.paused = false;
             self.accept(idx, ctx);
@@ -191,9 +295,9 @@ impl TcpRelay {
 
     /// Accepts until the backlog is empty, the limit is reached, or fds run
     /// out; after MAX_ACCEPT, the rest waits for the next turn.
-    fn accept(&mut self, idx: usize, ctx: &mut Ctx<'_>) {
+    fn accept(&mut self, idx: Key, ctx: &mut Ctx<'_>) {
         for _ in 0..MAX_ACCEPT {
-            let l = &mut self.listeners[idx];
+            let Some(l) = self.listeners.get_mut(idx) else { return };
             let Some(sock) = l.sock.as_ref() else { return };
             if !l.readable || l.paused {
                 return;
@@ -234,9 +338,12 @@ impl TcpRelay {
     }
 
     /// Sets up a relayed connection for a freshly accepted client.
-    fn open(&mut self, idx: usize, client: TcpStream, peer: SocketAddr, ctx: &mut Ctx<'_>) {
+    fn open(&mut self, idx: Key, client: TcpStream, peer: SocketAddr, ctx: &mut Ctx<'_>) {
         let peer = crate::unmap(peer);
-        let l = &mut self.listeners[idx];
+        let Some(l) = self.listeners.get_mut(idx) else {
+            self.shared.release_connection();
+            return;
+        };
         l.stats.total += 1;
         self.accepted += 1;
         if l.route.accept_proxy && !self.settings.trusted.iter().any(|c| c.contains(peer.ip())) {
@@ -320,7 +427,8 @@ impl TcpRelay {
     /// the turn's budget allow.
     fn advance(&mut self, key: Key, ctx: &mut Ctx<'_>) {
         let Some(conn) = self.conns.get_mut(key) else { return };
-        let l = &mut self.listeners[conn.listener];
+        // A listener outlives its connections (`finish` frees a retired one).
+        let Some(l) = self.listeners.get_mut(conn.listener) else { return };
         let mut env = Env {
             pool: &mut self.pool,
             registry: ctx.registry,
@@ -351,7 +459,10 @@ impl TcpRelay {
     fn finish(&mut self, key: Key, end: End, ctx: &mut Ctx<'_>) {
         let Some(conn) = self.conns.remove(key) else { return };
         let (up, down) = conn.bytes();
-        let l = &mut self.listeners[conn.listener];
+        let Some(l) = self.listeners.get_mut(conn.listener) else {
+            conn.close(&mut self.pool, true);
+            return;
+        };
         l.stats.open = l.stats.open.saturating_sub(1);
         l.stats.bytes_up += up;
         l.stats.bytes_down += down;
@@ -414,7 +525,12 @@ impl TcpRelay {
                 true
             }
         };
+        let listener = conn.listener;
         conn.close(&mut self.pool, reset);
+        if l.retired_at.is_some() && l.stats.open == 0 {
+            log::info!("tcp {} -> {}: removed; its last connection ended", l.addr, target);
+            self.listeners.remove(listener);
+        }
     }
 
     /// Resets every open connection: the relay is exiting, and a FIN would
@@ -434,20 +550,48 @@ impl TcpRelay {
         if self.blocked && !self.shared.connections.full() {
             self.blocked = false;
             self.shared.blocked[self.me].store(false, Ordering::Release);
-            for idx in 0..self.listeners.len() {
+            let keys: Vec<Key> = self.listeners.iter().map(|(k, _)| k).collect();
+            for idx in keys {
                 self.accept(idx, ctx);
             }
         }
     }
 
     /// Bytes moved so far by open connections, (up, down), for statistics.
-    pub fn live_bytes(&self, listener: usize) -> (u64, u64) {
+    pub(crate) fn live_bytes(&self, listener: Key) -> (u64, u64) {
         self.conns
             .iter()
             .filter(|(_, c)| c.listener == listener)
             .map(|(_, c)| c.bytes())
             .fold((0, 0), |(u, d), (cu, cd)| (u + cu, d + cd))
     }
+}
+
+/// Makes `sock` a listener registered under `key`: non-blocking, its
+/// accepted sockets with TCP_NODELAY (if it could be set: the last value)
+/// and urgent data in band. Gives the socket and its address.
+fn listen_on(
+    sock: std::net::TcpListener,
+    key: Key,
+    registry: &Registry,
+    exclusive: bool,
+) -> io::Result<(TcpListener, SocketAddr, bool)> {
+    sock.set_nonblocking(true)?;
+    let addr = sock.local_addr()?;
+    // Accepted sockets inherit TCP_NODELAY: one setsockopt per listener, not per client.
+    let nodelay_inherited = crate::sys::set_nodelay(std::os::fd::AsFd::as_fd(&sock)).is_ok();
+    // Urgent bytes stay in band on accepted sockets (ARCHITECTURE.md, "Urgent data").
+    crate::sys::set_oob_inline(std::os::fd::AsFd::as_fd(&sock))?;
+    let mut sock = TcpListener::from_std(sock);
+    let token = token(Kind::Listener, key);
+    if exclusive {
+        // One socket waited on by every loop (ARCHITECTURE.md, Threads).
+        use std::os::fd::AsRawFd;
+        crate::sys::register_exclusive(registry.as_raw_fd(), std::os::fd::AsFd::as_fd(&sock), token.0)?;
+    } else {
+        registry.register(&mut sock, token, Interest::READABLE)?;
+    }
+    Ok((sock, addr, nodelay_inherited))
 }
 
 /// Sets a timer for the connection's next deadline unless one is set already

@@ -64,11 +64,23 @@ impl<K: Hash + Eq + Copy, V: Copy> FlowTable<K, V> {
         if self.is_full() { self.evict() } else { None }
     }
 
+    /// New bounds (a reload): flows over a lower `max` stay until they
+    /// expire or a new flow evicts one.
+    pub fn set_limits(&mut self, max: usize, timeout: Duration) {
+        (self.max, self.timeout) = (max.max(1), timeout);
+    }
+
     /// Removes every flow silent for the timeout, calling `f` on each.
-    pub fn expire(&mut self, now: Instant, mut f: impl FnMut(K, V)) {
+    pub fn expire(&mut self, now: Instant, f: impl FnMut(K, V)) {
         let timeout = self.timeout;
+        self.remove_where(|_, last_seen| now.saturating_duration_since(last_seen) >= timeout, f);
+    }
+
+    /// Removes every flow whose key (and last use) `gone` picks, calling
+    /// `f` on each.
+    pub fn remove_where(&mut self, mut gone: impl FnMut(&K, Instant) -> bool, mut f: impl FnMut(K, V)) {
         self.map.retain(|k, e| {
-            let keep = now.saturating_duration_since(e.last_seen) < timeout;
+            let keep = !gone(k, e.last_seen);
             if !keep {
                 f(*k, e.value);
             }

@@ -14,7 +14,7 @@ use mio::{Interest, Registry};
 
 use crate::config::Transparent;
 use crate::proxy_protocol::{self as pp, Transport, Version};
-use crate::reactor::{Ctx, Kind, fixed_token, token};
+use crate::reactor::{Ctx, Kind, token};
 use crate::shared::Shared;
 use crate::slab::{Key, Slab};
 use crate::stats::{DropReason, UdpDirStats, UdpStats};
@@ -45,6 +45,12 @@ pub struct UdpListener {
     sock: UdpSocket,
     /// The listening address.
     pub addr: SocketAddr,
+    /// The forward's listen address as configured: what a reload matches
+    /// forwards by.
+    configured: SocketAddr,
+    /// When a reload removed its forward: its flows run on, no new one
+    /// opens, and the socket closes with the last (ARCHITECTURE.md, "Reload").
+    retired_at: Option<std::time::Instant>,
     /// The backend.
     pub target: SocketAddr,
     send_proxy: Option<Version>,
@@ -67,12 +73,12 @@ pub struct UdpListener {
 
 /// What a flow is known by: the listener, the client, and the local address
 /// the client sent to (a wildcard listener answers each address from itself).
-type FlowKey = (usize, SocketAddr, Option<IpAddr>);
+type FlowKey = (Key, SocketAddr, Option<IpAddr>);
 
 /// One client's flow: a socket connected to the backend.
 struct Flow {
     sock: UdpSocket,
-    listener: usize,
+    listener: Key,
     client: SocketAddr,
     /// The address the client sent to: replies leave from it.
     reply_from: Option<PktInfo>,
@@ -93,8 +99,8 @@ impl Flow {
 
 /// All UDP listeners and flows of the process.
 pub struct UdpRelay {
-    /// The listeners, indexed by their token.
-    pub listeners: Vec<UdpListener>,
+    /// The listeners, by the key in their token.
+    pub(crate) listeners: Slab<UdpListener>,
     flows: Slab<Flow>,
     table: FlowTable<FlowKey, Key>,
     /// Ports of closed flow sockets, not given to new flows for a while.
@@ -113,7 +119,7 @@ impl UdpRelay {
     /// An empty relay.
     pub(crate) fn new(settings: UdpSettings, shared: Arc<Shared>) -> Self {
         UdpRelay {
-            listeners: Vec::new(),
+            listeners: Slab::default(),
             flows: Slab::default(),
             table: FlowTable::new(settings.max_flows, settings.timeout),
             shared,
@@ -126,10 +132,13 @@ impl UdpRelay {
         }
     }
 
-    /// Adds a bound socket whose datagrams go to `target`.
-    pub fn add_listener(
+    /// Adds a bound socket, of the forward configured to listen on
+    /// `configured`, whose datagrams go to `target`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn add_listener(
         &mut self,
         sock: std::net::UdpSocket,
+        configured: SocketAddr,
         target: SocketAddr,
         send_proxy: Option<Version>,
         transparent: Option<Transparent>,
@@ -154,10 +163,13 @@ impl UdpRelay {
             }
         }
         let mut sock = UdpSocket::from_std(sock);
-        registry.register(&mut sock, fixed_token(Kind::UdpListener, self.listeners.len()), Interest::READABLE)?;
-        self.listeners.push(UdpListener {
+        let key = self.listeners.vacant_key();
+        registry.register(&mut sock, token(Kind::UdpListener, key), Interest::READABLE)?;
+        self.listeners.insert(UdpListener {
             sock,
             addr,
+            configured,
+            retired_at: None,
             target,
             send_proxy,
             transparent,
@@ -183,9 +195,149 @@ impl UdpRelay {
 
     /// Reads what arrived before the loop started.
     pub(crate) fn start(&mut self, ctx: &mut Ctx<'_>) {
-        for idx in 0..self.listeners.len() {
+        let keys: Vec<Key> = self.listeners.iter().map(|(k, _)| k).collect();
+        for idx in keys {
             self.listener_event(idx, ctx);
         }
+    }
+
+    /// The configured listen addresses of every listener, retired ones too.
+    pub(crate) fn configured(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.listeners.iter().map(|(_, l)| l.configured)
+    }
+
+    /// True if a listener not retired serves `configured`.
+    pub(crate) fn is_active(&self, configured: SocketAddr) -> bool {
+        self.listeners.iter().any(|(_, l)| l.configured == configured && l.retired_at.is_none())
+    }
+
+    /// Closes at once the retired listeners on `port` and their flows: with
+    /// one loop (no SO_REUSEPORT) a new forward cannot bind beside them.
+    pub(crate) fn close_retired_on(&mut self, port: u16, ctx: &mut Ctx<'_>) {
+        let gone: Vec<Key> = self
+            .listeners
+            .iter()
+            .filter(|(_, l)| l.retired_at.is_some() && l.configured.port() == port)
+            .map(|(k, _)| k)
+            .collect();
+        for key in gone {
+            let (flows, shared) = (&mut self.flows, &self.shared);
+            let mut closed = 0;
+            self.table.remove_where(
+                |(listener, _, _), _| *listener == key,
+                |_, flow| {
+                    closed += 1;
+                    close_flow(flows, shared, flow, ctx.now)
+                },
+            );
+            if let Some(mut l) = self.listeners.remove(key) {
+                let _ = ctx.registry.deregister(&mut l.sock);
+                log::warn!("udp {}: closed with its {closed} flows: a new forward needs its port", l.addr);
+            }
+        }
+    }
+
+    /// Counters of listener `key` (zero if it is gone).
+    pub(crate) fn listener_stats(&self, key: Key) -> UdpStats {
+        self.listeners.get(key).map(|l| l.stats).unwrap_or_default()
+    }
+
+    /// Applies a reload (ARCHITECTURE.md, "Reload"): a listener whose
+    /// listen address is still configured keeps its socket and takes the
+    /// forward's target, PROXY, transparent and access settings for new
+    /// flows; one whose forward is gone is retired: its flows run on (for
+    /// at most `drain` if set), new clients are dropped, and it closes with
+    /// its last flow. `fresh` are sockets bound for forwards new to this
+    /// loop; one whose retired listener is still here takes that back
+    /// (and the fresh socket is closed).
+    pub(crate) fn reload(
+        &mut self,
+        forwards: &[crate::config::Forward],
+        fresh: Vec<(usize, OwnedFd)>,
+        settings: UdpSettings,
+        drain: Duration,
+        ctx: &mut Ctx<'_>,
+    ) {
+        // Offloads are chosen at start and stay.
+        self.settings = UdpSettings { gso: self.settings.gso, ..settings };
+        self.table.set_limits(settings.max_flows, settings.timeout);
+        let keys: Vec<Key> = self.listeners.iter().map(|(k, _)| k).collect();
+        let mut revived = Vec::new();
+        for key in keys {
+            let Some(l) = self.listeners.get_mut(key) else { continue };
+            match forwards.iter().find(|f| f.proto.udp() && f.listen == l.configured) {
+                Some(f) => {
+                    if l.target != f.target {
+                        log::info!("udp {}: new flows go to {} (was {})", l.addr, f.target, l.target);
+                    }
+                    (l.target, l.send_proxy, l.transparent) = (f.target, f.send_proxy, f.transparent);
+                    l.access = f.access.clone();
+                    if l.retired_at.take().is_some() {
+                        log::info!("listening on udp {} -> {} (again)", f.listen, f.target);
+                        revived.push(f.listen);
+                    }
+                }
+                None if l.retired_at.is_none() => {
+                    l.retired_at = Some(ctx.now);
+                    log::info!("udp {} -> {}: removed; no new flows, its flows run on until idle", l.addr, l.target);
+                    if !drain.is_zero() {
+                        ctx.timers.add(ctx.now + drain, Timer::UdpRetired(key));
+                    }
+                }
+                None => {}
+            }
+        }
+        for (fi, fd) in fresh {
+            let Some(f) = forwards.get(fi) else { continue };
+            if revived.contains(&f.listen) {
+                continue;
+            }
+            let added = self.add_listener(
+                std::net::UdpSocket::from(fd),
+                f.listen,
+                f.target,
+                f.send_proxy,
+                f.transparent,
+                f.access.clone(),
+                ctx.registry,
+            );
+            match added {
+                Ok(()) => log::info!("listening on udp {} -> {}", f.listen, f.target),
+                Err(e) => log::error!("reload: cannot use udp socket {}: {e}", f.listen),
+            }
+        }
+        self.close_retired(ctx.registry);
+        self.start(ctx);
+    }
+
+    /// Closes the retired listeners that have no flow left.
+    fn close_retired(&mut self, registry: &Registry) {
+        let idle: Vec<Key> = self
+            .listeners
+            .iter()
+            .filter(|(k, l)| l.retired_at.is_some() && !self.flows.iter().any(|(_, f)| f.listener == *k))
+            .map(|(k, _)| k)
+            .collect();
+        for key in idle {
+            if let Some(mut l) = self.listeners.remove(key) {
+                let _ = registry.deregister(&mut l.sock);
+                log::info!("udp {} -> {}: removed; its last flow ended", l.addr, l.target);
+            }
+        }
+    }
+
+    /// A retired listener's drain is over: closes its flows and it, unless
+    /// it came back or was retired again since.
+    pub(crate) fn retired_timer(&mut self, key: Key, drain: Duration, ctx: &mut Ctx<'_>) {
+        let Some(l) = self.listeners.get(key) else { return };
+        if l.retired_at.is_none_or(|at| at + drain > ctx.now) {
+            return;
+        }
+        log::info!("udp {}: drain timeout reached; closing its flows", l.addr);
+        let (flows, shared) = (&mut self.flows, &self.shared);
+        self.table
+            .remove_where(|(listener, _, _), _| *listener == key, |_, flow| close_flow(flows, shared, flow, ctx.now));
+        self.close_retired(ctx.registry);
     }
 
     /// Starts the drain: client datagrams are no longer read (so no flow
@@ -193,19 +345,19 @@ impl UdpRelay {
     /// flows left, which close when idle. The caller exits once `flows()` is 0.
     pub fn stop(&mut self, registry: &Registry) {
         self.draining = true;
-        for l in &mut self.listeners {
+        for l in self.listeners.values_mut() {
             // Unregistered, datagrams still arriving do not wake the loop.
             if let Err(e) = registry.deregister(&mut l.sock) {
                 log::debug!("udp {}: deregister: {e}", l.addr);
             }
         }
-        if !self.listeners.is_empty() {
+        if self.listeners.len() > 0 {
             log::info!("udp: no longer reading client datagrams; {} flows left until idle", self.flows());
         }
     }
 
     /// Datagrams from clients: relay each to its flow, making flows as needed.
-    pub(crate) fn listener_event(&mut self, idx: usize, ctx: &mut Ctx<'_>) {
+    pub(crate) fn listener_event(&mut self, idx: Key, ctx: &mut Ctx<'_>) {
         if self.draining {
             return;
         }
@@ -218,14 +370,15 @@ impl UdpRelay {
         }
         // Bounded work per wake-up: at most 16 batches, then other sockets get a turn.
         for _ in 0..16 {
-            let n = match batch.recv(self.listeners[idx].sock.as_fd()) {
+            let Some(l) = self.listeners.get_mut(idx) else { return };
+            let n = match batch.recv(l.sock.as_fd()) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.listeners[idx].readable = false;
+                    l.readable = false;
                     return;
                 }
                 Err(e) => {
-                    log::debug!("udp {}: receive: {e}", self.listeners[idx].addr);
+                    log::debug!("udp {}: receive: {e}", l.addr);
                     continue;
                 }
             };
@@ -233,7 +386,7 @@ impl UdpRelay {
             for i in 0..n {
                 let meta = batch.meta[i];
                 let count = meta.datagrams().count();
-                let stats = &mut self.listeners[idx].stats.up;
+                let stats = &mut l.stats.up;
                 stats.received += count as u64;
                 let Some(client) = meta.source else {
                     // No address, no flow (an IP socket always reports one).
@@ -246,7 +399,6 @@ impl UdpRelay {
                     log::debug!("udp {client}: datagram larger than the buffer dropped");
                     continue;
                 }
-                let l = &mut self.listeners[idx];
                 if !l.access.admits(client.ip()) {
                     l.stats.up.add_dropped(DropReason::Denied, count);
                     log::trace!("udp {client}: denied by the access list; dropped");
@@ -255,12 +407,15 @@ impl UdpRelay {
                 let key = (idx, client, meta.dst.map(|d| d.ip()));
                 let flow = match self.table.get(&key, ctx.now) {
                     Some(f) => f,
+                    None if l.retired_at.is_some() => {
+                        l.stats.up.add_dropped(DropReason::Removed, count);
+                        continue;
+                    }
                     None => {
                         if self.table.is_full() {
                             // The flow evicted next may have datagrams waiting in `outs`: send them first.
-                            flush(batch, &mut self.flows, &mut self.listeners, idx, queue);
+                            flush(batch, &mut self.flows, l, queue);
                         }
-                        let l = &mut self.listeners[idx];
                         match open_flow(&mut self.flows, &mut self.table, &self.shared, idx, l, client, meta.dst, ctx) {
                             Some(f) => f,
                             None => {
@@ -279,15 +434,17 @@ impl UdpRelay {
                 self.sweeping = true;
                 ctx.timers.add(ctx.now + sweep_every(self.settings.timeout), Timer::UdpSweep);
             }
-            flush(batch, &mut self.flows, &mut self.listeners, idx, queue);
+            flush(batch, &mut self.flows, l, queue);
             if n < BATCH {
-                self.listeners[idx].readable = false;
+                l.readable = false;
                 return;
             }
         }
         // Still readable after the bounded work: mio will not tell us again.
-        self.listeners[idx].queued = true;
-        self.ready.push(Ready::Listener(idx));
+        if let Some(l) = self.listeners.get_mut(idx) {
+            l.queued = true;
+            self.ready.push(Ready::Listener(idx));
+        }
     }
 
     /// Replies (or errors) on a flow socket.
@@ -324,7 +481,8 @@ impl UdpRelay {
             self.table.touch(&flow.key(), ctx.now);
             let outs = &mut self.queue.outs;
             outs.clear();
-            let l = &mut self.listeners[idx];
+            // A listener outlives its flows (`close_retired`).
+            let Some(l) = self.listeners.get_mut(idx) else { return };
             for (i, meta) in batch.meta.iter().enumerate() {
                 let count = meta.datagrams().count();
                 l.stats.down.received += count as u64;
@@ -384,6 +542,7 @@ impl UdpRelay {
             log::debug!("udp flow {client}: idle; closed");
             close_flow(flows, shared, key, ctx.now);
         });
+        self.close_retired(ctx.registry);
         self.sweeping = !self.table.is_empty();
         if self.sweeping {
             ctx.timers.add(ctx.now + sweep_every(self.settings.timeout), Timer::UdpSweep);
@@ -391,14 +550,14 @@ impl UdpRelay {
     }
 
     /// UDP counters per listener, with open flows, for statistics.
-    pub fn flows_of(&self, listener: usize) -> usize {
+    pub(crate) fn flows_of(&self, listener: Key) -> usize {
         self.flows.iter().filter(|(_, f)| f.listener == listener).count()
     }
 }
 
 /// A socket left readable when its bounded work ran out.
 enum Ready {
-    Listener(usize),
+    Listener(Key),
     Flow(Key),
 }
 
@@ -414,20 +573,19 @@ struct OutQueue {
 }
 
 /// Sends the queued datagrams, each flow's in one sendmmsg, and empties the queue.
-fn flush(batch: &mut Batch, flows: &mut Slab<Flow>, listeners: &mut [UdpListener], idx: usize, queue: &mut OutQueue) {
+fn flush(batch: &mut Batch, flows: &mut Slab<Flow>, l: &mut UdpListener, queue: &mut OutQueue) {
     let OutQueue { pending, outs } = queue;
     group_by_flow(pending);
     for run in pending.chunk_by(|a, b| a.0 == b.0) {
         let Some(flow) = flows.get_mut(run[0].0) else {
-            listeners[idx].stats.up.add_dropped(DropReason::NoFlow, run.len());
+            l.stats.up.add_dropped(DropReason::NoFlow, run.len());
             continue;
         };
         outs.clear();
         outs.extend(run.iter().map(|&(_, out)| out));
-        let l = &listeners[idx];
         // One PROXY header per flow, in front of each of its datagrams.
         let (plen, prefix) = l.send_proxy.map_or((0, [0; 64]), |v| proxy_prefix(v, flow, l.addr));
-        send_all(batch, flow.sock.as_fd(), outs, &prefix[..plen], &mut flow.gso, &mut listeners[idx].stats.up);
+        send_all(batch, flow.sock.as_fd(), outs, &prefix[..plen], &mut flow.gso, &mut l.stats.up);
     }
     pending.clear();
     outs.clear();
@@ -505,7 +663,7 @@ fn open_flow(
     flows: &mut Slab<Flow>,
     table: &mut FlowTable<FlowKey, Key>,
     shared: &Shared,
-    idx: usize,
+    idx: Key,
     l: &mut UdpListener,
     client: SocketAddr,
     reply_from: Option<PktInfo>,
@@ -659,8 +817,8 @@ mod tests {
             assert!(!pktinfo(fd.as_fd(), addr.is_ipv6()), "{addr}: udp_listener turned PKTINFO on");
             // A socket made elsewhere, like docker's fd 4, gets it from add_listener.
             let sock = std::net::UdpSocket::from(fd);
-            relay.add_listener(sock, target, None, None, Default::default(), poll.registry()).unwrap();
-            let l = relay.listeners.last().unwrap();
+            relay.add_listener(sock, addr, target, None, None, Default::default(), poll.registry()).unwrap();
+            let (_, l) = relay.listeners.iter().last().unwrap();
             assert!(pktinfo(l.sock.as_fd(), addr.is_ipv6()), "{addr}: add_listener left PKTINFO off");
         }
     }
