@@ -30,11 +30,12 @@ Examples:
       CAP_NET_ADMIN and scripts/transparent-routing.sh up)
 
 FORWARD is [tcp:|udp:|both:]LISTEN=TARGET[,send-proxy=v1|v2][,accept-proxy]
-  [,transparent|,transparent=port]
+  [,transparent|,transparent=port][,allow=CIDR+CIDR][,deny=CIDR+CIDR]
 LISTEN and TARGET are IPv4:PORT or [IPv6]:PORT (TARGET may be HOST:PORT);
 PORT may be a range A-B, of equal width on both sides.
 Durations: 500ms, 10s, 5m, 1h. Sizes: 65536, 256K, 1M.
-Logging: RUST_LOG=debug, or -v / -q.";
+Logging: RUST_LOG=debug, or -v / -q.
+Signals: SIGTERM/SIGINT stop (or drain), SIGHUP reloads -c files, SIGUSR1 logs totals.";
 
 /// A Linux TCP/UDP port relay: splice(2) for TCP, batched recvmmsg/sendmmsg for UDP.
 #[derive(Parser, Debug, Default)]
@@ -45,7 +46,9 @@ pub struct Args {
     /// What to relay: [PROTO:]LISTEN=TARGET (see below).
     #[arg(value_name = "FORWARD")]
     pub forwards: Vec<String>,
-    /// Read forwards from FILE, one per line (# comments); repeatable.
+    /// Read forwards from FILE, one per line (# comments), and options, one
+    /// per line starting with - (the command line wins); repeatable. SIGHUP
+    /// reads the files again and applies them without dropping connections.
     #[arg(short, long, value_name = "FILE")]
     pub config: Vec<String>,
     /// Make a [::] listener IPv6-only (default: it also takes IPv4).

@@ -137,6 +137,7 @@ impl EventLoop {
         self.shared.running.fetch_sub(1, Ordering::AcqRel);
         if result.is_err() {
             // A loop that fails takes the process down, never half of it.
+            crate::systemd::notify("STOPPING=1");
             self.shared.stop.store(true, Ordering::Release);
         }
         self.shared.wake_others(self.me);
