@@ -185,15 +185,17 @@ impl Reloader {
         let active_tcp: HashSet<SocketAddr> =
             tcp.listeners.iter().filter(|(_, l)| l.is_listening()).map(|(_, l)| l.configured).collect();
         let udp_open: HashSet<SocketAddr> = udp.configured().collect();
+        let udp_active: HashSet<SocketAddr> = udp.active().collect();
+        let wanted_tcp: HashSet<SocketAddr> =
+            config.forwards.iter().filter(|f| f.proto.tcp()).map(|f| f.listen).collect();
+        let wanted_udp: HashSet<SocketAddr> =
+            config.forwards.iter().filter(|f| f.proto.udp()).map(|f| f.listen).collect();
         // With one loop and no SO_REUSEPORT, a new address can be bound only
         // once the listeners it overlaps (removed by this reload, or retired
         // before) are closed: such binds wait for the plan ([`Later`]).
         let ipv6_only = self.fixed.ipv6_only;
-        let wanted = |tcp: bool, a: SocketAddr| {
-            config.forwards.iter().any(|f| f.listen == a && if tcp { f.proto.tcp() } else { f.proto.udp() })
-        };
-        let going_tcp: Vec<SocketAddr> = active_tcp.iter().copied().filter(|&a| !wanted(true, a)).collect();
-        let going_udp: Vec<SocketAddr> = udp_open.iter().copied().filter(|&a| !wanted(false, a)).collect();
+        let going_tcp: Vec<SocketAddr> = active_tcp.difference(&wanted_tcp).copied().collect();
+        let going_udp: Vec<SocketAddr> = udp_open.difference(&wanted_udp).copied().collect();
         let waits = |going: &[SocketAddr], a: SocketAddr| {
             going.iter().any(|g| g.port() == a.port() && crate::overlap(g.ip(), a.ip(), ipv6_only))
         };
@@ -217,7 +219,7 @@ impl Reloader {
             }
             // A UDP listener still open (retired, its flows running on) is
             // taken back by its loop; with one loop nothing is bound for it.
-            if f.proto.udp() && !(n == 1 && udp_open.contains(&f.listen)) && !udp.is_active(f.listen) {
+            if f.proto.udp() && !(n == 1 && udp_open.contains(&f.listen)) && !udp_active.contains(&f.listen) {
                 for (i, b) in fresh.iter_mut().enumerate() {
                     match crate::sys::udp_listener(f.listen, v6only, reuseport) {
                         Ok(fd) => b.udp.push((fi, fd)),
@@ -229,11 +231,9 @@ impl Reloader {
                 }
             }
         }
-        let listening = active_tcp.len() + udp.configured().filter(|&a| udp.is_active(a)).count();
-        let kept = active_tcp.iter().filter(|&&a| wanted(true, a)).count()
-            + udp.configured().filter(|&a| udp.is_active(a) && wanted(false, a)).count();
-        let sockets =
-            config.forwards.iter().map(|f| usize::from(f.proto.tcp()) + usize::from(f.proto.udp())).sum::<usize>();
+        let listening = active_tcp.len() + udp_active.len();
+        let kept = active_tcp.intersection(&wanted_tcp).count() + udp_active.intersection(&wanted_udp).count();
+        let sockets = wanted_tcp.len() + wanted_udp.len();
         let summary = format!(
             "{} forwards; listeners: {kept} kept, {} added, {} removed",
             config.forwards.len(),

@@ -173,12 +173,14 @@ impl TcpRelay {
         // Pipes are sized and splice chosen at start: those stay.
         self.settings = TcpSettings { splice: self.settings.splice, pipe_size: self.settings.pipe_size, ..settings };
         let keys: Vec<Key> = self.listeners.iter().map(|(k, _)| k).collect();
+        let by_listen: std::collections::HashMap<SocketAddr, &crate::config::Forward> =
+            forwards.iter().filter(|f| f.proto.tcp()).map(|f| (f.listen, f)).collect();
         for key in keys {
             let Some(l) = self.listeners.get_mut(key) else { continue };
             if l.sock.is_none() {
                 continue;
             }
-            match forwards.iter().find(|f| f.proto.tcp() && f.listen == l.configured) {
+            match by_listen.get(&l.configured) {
                 Some(f) => {
                     if l.route.target != f.target {
                         log::info!("tcp {}: new connections go to {} (was {})", l.addr, f.target, l.route.target);
@@ -204,11 +206,12 @@ impl TcpRelay {
                 }
             }
         }
+        let mut retired: std::collections::HashMap<SocketAddr, Key> =
+            self.listeners.iter().filter(|(_, l)| l.sock.is_none()).map(|(k, l)| (l.configured, k)).collect();
         for (fi, fd, exclusive) in fresh {
             let Some(f) = forwards.get(fi) else { continue };
             let std = std::net::TcpListener::from(fd);
-            let retired =
-                self.listeners.iter().find(|(_, l)| l.sock.is_none() && l.configured == f.listen).map(|(k, _)| k);
+            let retired = retired.remove(&f.listen);
             let added = match retired {
                 // Back before its connections ended: the same listener (and counters) again.
                 Some(key) => listen_on(std, key, ctx.registry, exclusive).map(|(sock, addr, nodelay)| {

@@ -206,9 +206,9 @@ impl UdpRelay {
         self.listeners.iter().map(|(_, l)| l.configured)
     }
 
-    /// True if a listener not retired serves `configured`.
-    pub(crate) fn is_active(&self, configured: SocketAddr) -> bool {
-        self.listeners.iter().any(|(_, l)| l.configured == configured && l.retired_at.is_none())
+    /// The configured listen addresses of the listeners not retired.
+    pub(crate) fn active(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.listeners.iter().filter(|(_, l)| l.retired_at.is_none()).map(|(_, l)| l.configured)
     }
 
     /// Closes at once the retired listeners on `port` and their flows: with
@@ -262,10 +262,12 @@ impl UdpRelay {
         self.settings = UdpSettings { gso: self.settings.gso, ..settings };
         self.table.set_limits(settings.max_flows, settings.timeout);
         let keys: Vec<Key> = self.listeners.iter().map(|(k, _)| k).collect();
-        let mut revived = Vec::new();
+        let by_listen: std::collections::HashMap<SocketAddr, &crate::config::Forward> =
+            forwards.iter().filter(|f| f.proto.udp()).map(|f| (f.listen, f)).collect();
+        let mut revived = std::collections::HashSet::new();
         for key in keys {
             let Some(l) = self.listeners.get_mut(key) else { continue };
-            match forwards.iter().find(|f| f.proto.udp() && f.listen == l.configured) {
+            match by_listen.get(&l.configured) {
                 Some(f) => {
                     if l.target != f.target {
                         log::info!("udp {}: new flows go to {} (was {})", l.addr, f.target, l.target);
@@ -274,7 +276,7 @@ impl UdpRelay {
                     l.access = f.access.clone();
                     if l.retired_at.take().is_some() {
                         log::info!("listening on udp {} -> {} (again)", f.listen, f.target);
-                        revived.push(f.listen);
+                        revived.insert(f.listen);
                     }
                 }
                 None if l.retired_at.is_none() => {
