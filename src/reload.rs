@@ -111,11 +111,11 @@ impl Reloader {
     /// loop 0 when done (one read at a time; a SIGHUP meanwhile reads again
     /// after it).
     pub(crate) fn request(&mut self, shared: &Arc<Shared>) {
-        crate::systemd::notify_reloading();
-        if self.pending.is_some() {
+        if self.pending.is_some() || self.finishing.is_some() {
             self.again = true;
             return;
         }
+        crate::systemd::notify_reloading();
         let (tx, rx) = std::sync::mpsc::channel();
         let (reread, shared) = (self.reread.clone(), shared.clone());
         let spawned = std::thread::Builder::new().name("reload".into()).spawn(move || {
