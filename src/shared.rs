@@ -197,7 +197,8 @@ impl Shared {
 
     /// Loop `me`'s part of a reload, if one is waiting.
     pub(crate) fn take_plan(&self, me: usize) -> Option<Plan> {
-        if !self.plan_ready[me].swap(false, Ordering::AcqRel) {
+        // A plain load first: this runs every loop iteration.
+        if !self.plan_ready[me].load(Ordering::Acquire) || !self.plan_ready[me].swap(false, Ordering::AcqRel) {
             return None;
         }
         self.plans[me].lock().unwrap_or_else(|e| e.into_inner()).take()
