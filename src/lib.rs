@@ -372,7 +372,7 @@ fn setup_parts(
     let tcp = TcpRelay::new(tcp, shared.clone(), me);
     let mut udp = udp;
     udp.max_flows = shared::flow_share(udp.max_flows, shared.threads(), me);
-    let udp = UdpRelay::new(udp, shared.clone());
+    let udp = UdpRelay::new(udp, shared.clone(), me);
     let mut ev = EventLoop::new(me, poll, tcp, udp, settings, shared, mask)
         .map_err(runtime("cannot set up the event loop".into()))?;
     let registry = ev.registry().try_clone().map_err(runtime("cannot set up the event loop".into()))?;

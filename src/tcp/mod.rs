@@ -170,6 +170,7 @@ impl TcpRelay {
         drain: Duration,
         ctx: &mut Ctx<'_>,
     ) {
+        let level = self.level();
         // Pipes are sized and splice chosen at start: those stay.
         self.settings = TcpSettings { splice: self.settings.splice, pipe_size: self.settings.pipe_size, ..settings };
         let keys: Vec<Key> = self.listeners.iter().map(|(k, _)| k).collect();
@@ -183,7 +184,7 @@ impl TcpRelay {
             match by_listen.get(&l.configured) {
                 Some(f) => {
                     if l.route.target != f.target {
-                        log::info!("tcp {}: new connections go to {} (was {})", l.addr, f.target, l.route.target);
+                        log::log!(level, "tcp {}: new connections go to {} (was {})", l.addr, f.target, l.route.target);
                     }
                     l.route = f.route();
                 }
@@ -191,8 +192,9 @@ impl TcpRelay {
                     l.sock = None;
                     l.retired_at = Some(ctx.now);
                     match l.stats.open {
-                        0 => log::info!("tcp {} -> {}: removed", l.addr, l.route.target),
-                        open => log::info!(
+                        0 => log::log!(level, "tcp {} -> {}: removed", l.addr, l.route.target),
+                        open => log::log!(
+                            level,
                             "tcp {} -> {}: removed; no longer accepting, {open} connections left to finish",
                             l.addr,
                             l.route.target
@@ -228,7 +230,7 @@ impl TcpRelay {
             };
             match added {
                 Ok(key) => {
-                    log::info!("listening on tcp {} -> {}", f.listen, f.target);
+                    log::log!(level, "listening on tcp {} -> {}", f.listen, f.target);
                     self.accept(key, ctx);
                 }
                 Err(e) => log::error!("reload: cannot use tcp listener {}: {e}", f.listen),
@@ -239,15 +241,23 @@ impl TcpRelay {
     /// A retired listener's drain is over: resets what is left of its
     /// connections, unless it came back or was retired again since.
     pub(crate) fn retired_timer(&mut self, key: Key, drain: Duration, ctx: &mut Ctx<'_>) {
+        let level = self.level();
         let Some(l) = self.listeners.get(key) else { return };
         if l.retired_at.is_none_or(|at| at + drain > ctx.now) {
             return;
         }
         let conns: Vec<Key> = self.conns.iter().filter(|(_, c)| c.listener == key).map(|(k, _)| k).collect();
-        log::info!("tcp {}: drain timeout reached; resetting {} connections", l.addr, conns.len());
+        log::log!(level, "tcp {}: drain timeout reached; resetting {} connections", l.addr, conns.len());
         for k in conns {
             self.finish(k, End::Reset(Why::Shutdown), ctx);
         }
+    }
+
+    /// The level of a line every loop would log about its own listeners
+    /// (a reload's): info for loop 0, debug for the others, so each change
+    /// shows once.
+    fn level(&self) -> log::Level {
+        if self.me == 0 { log::Level::Info } else { log::Level::Debug }
     }
 
     /// Counters of listener `key` (zero if it is gone).
@@ -460,6 +470,7 @@ impl TcpRelay {
     /// Removes a connection that ended: logs why, counts it, and closes its
     /// sockets (with a reset unless it ended cleanly).
     fn finish(&mut self, key: Key, end: End, ctx: &mut Ctx<'_>) {
+        let level = self.level();
         let Some(conn) = self.conns.remove(key) else { return };
         let (up, down) = conn.bytes();
         let Some(l) = self.listeners.get_mut(conn.listener) else {
@@ -531,7 +542,7 @@ impl TcpRelay {
         let listener = conn.listener;
         conn.close(&mut self.pool, reset);
         if l.retired_at.is_some() && l.stats.open == 0 {
-            log::info!("tcp {} -> {}: removed; its last connection ended", l.addr, target);
+            log::log!(level, "tcp {} -> {}: removed; its last connection ended", l.addr, target);
             self.listeners.remove(listener);
         }
     }

@@ -113,11 +113,13 @@ pub struct UdpRelay {
     draining: bool,
     ready: Vec<Ready>,
     queue: OutQueue,
+    /// This loop's index.
+    me: usize,
 }
 
 impl UdpRelay {
     /// An empty relay.
-    pub(crate) fn new(settings: UdpSettings, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(settings: UdpSettings, shared: Arc<Shared>, me: usize) -> Self {
         UdpRelay {
             listeners: Slab::default(),
             flows: Slab::default(),
@@ -129,6 +131,7 @@ impl UdpRelay {
             draining: false,
             ready: Vec::new(),
             queue: OutQueue::default(),
+            me,
         }
     }
 
@@ -237,6 +240,12 @@ impl UdpRelay {
         }
     }
 
+    /// The level of a line every loop would log about its own listeners:
+    /// info for loop 0, debug for the others, so each change shows once.
+    fn level(&self) -> log::Level {
+        if self.me == 0 { log::Level::Info } else { log::Level::Debug }
+    }
+
     /// Counters of listener `key` (zero if it is gone).
     pub(crate) fn listener_stats(&self, key: Key) -> UdpStats {
         self.listeners.get(key).map(|l| l.stats).unwrap_or_default()
@@ -258,6 +267,7 @@ impl UdpRelay {
         drain: Duration,
         ctx: &mut Ctx<'_>,
     ) {
+        let level = self.level();
         // Offloads are chosen at start and stay.
         self.settings = UdpSettings { gso: self.settings.gso, ..settings };
         self.table.set_limits(settings.max_flows, settings.timeout);
@@ -270,18 +280,23 @@ impl UdpRelay {
             match by_listen.get(&l.configured) {
                 Some(f) => {
                     if l.target != f.target {
-                        log::info!("udp {}: new flows go to {} (was {})", l.addr, f.target, l.target);
+                        log::log!(level, "udp {}: new flows go to {} (was {})", l.addr, f.target, l.target);
                     }
                     (l.target, l.send_proxy, l.transparent) = (f.target, f.send_proxy, f.transparent);
                     l.access = f.access.clone();
                     if l.retired_at.take().is_some() {
-                        log::info!("listening on udp {} -> {} (again)", f.listen, f.target);
+                        log::log!(level, "listening on udp {} -> {} (again)", f.listen, f.target);
                         revived.insert(f.listen);
                     }
                 }
                 None if l.retired_at.is_none() => {
                     l.retired_at = Some(ctx.now);
-                    log::info!("udp {} -> {}: removed; no new flows, its flows run on until idle", l.addr, l.target);
+                    log::log!(
+                        level,
+                        "udp {} -> {}: removed; no new flows, its flows run on until idle",
+                        l.addr,
+                        l.target
+                    );
                     if !drain.is_zero() {
                         ctx.timers.add(ctx.now + drain, Timer::UdpRetired(key));
                     }
@@ -304,7 +319,7 @@ impl UdpRelay {
                 ctx.registry,
             );
             match added {
-                Ok(()) => log::info!("listening on udp {} -> {}", f.listen, f.target),
+                Ok(()) => log::log!(level, "listening on udp {} -> {}", f.listen, f.target),
                 Err(e) => log::error!("reload: cannot use udp socket {}: {e}", f.listen),
             }
         }
@@ -314,6 +329,7 @@ impl UdpRelay {
 
     /// Closes the retired listeners that have no flow left.
     fn close_retired(&mut self, registry: &Registry) {
+        let level = self.level();
         let idle: Vec<Key> = self
             .listeners
             .iter()
@@ -323,7 +339,7 @@ impl UdpRelay {
         for key in idle {
             if let Some(mut l) = self.listeners.remove(key) {
                 let _ = registry.deregister(&mut l.sock);
-                log::info!("udp {} -> {}: removed; its last flow ended", l.addr, l.target);
+                log::log!(level, "udp {} -> {}: removed; its last flow ended", l.addr, l.target);
             }
         }
     }
@@ -331,11 +347,12 @@ impl UdpRelay {
     /// A retired listener's drain is over: closes its flows and it, unless
     /// it came back or was retired again since.
     pub(crate) fn retired_timer(&mut self, key: Key, drain: Duration, ctx: &mut Ctx<'_>) {
+        let level = self.level();
         let Some(l) = self.listeners.get(key) else { return };
         if l.retired_at.is_none_or(|at| at + drain > ctx.now) {
             return;
         }
-        log::info!("udp {}: drain timeout reached; closing its flows", l.addr);
+        log::log!(level, "udp {}: drain timeout reached; closing its flows", l.addr);
         let (flows, shared) = (&mut self.flows, &self.shared);
         self.table
             .remove_where(|(listener, _, _), _| *listener == key, |_, flow| close_flow(flows, shared, flow, ctx.now));
@@ -811,7 +828,7 @@ mod tests {
         let waker = mio::Waker::new(poll.registry(), mio::Token(1)).unwrap();
         let shared = Arc::new(Shared::new(vec![waker], 0, 0));
         let settings = UdpSettings { timeout: Duration::from_secs(90), max_flows: 16, gso: false, rcvbuf: 0 };
-        let mut relay = UdpRelay::new(settings, shared);
+        let mut relay = UdpRelay::new(settings, shared, 0);
         let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
         for addr in ["127.0.0.1:0", "[::1]:0"] {
             let addr: SocketAddr = addr.parse().unwrap();
