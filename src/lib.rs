@@ -385,15 +385,7 @@ fn setup_parts(
     for (fi, fd) in bound.udp {
         let f = &forwards[fi];
         ev.udp
-            .add_listener(
-                std::net::UdpSocket::from(fd),
-                f.listen,
-                f.target,
-                f.send_proxy,
-                f.transparent,
-                f.access.clone(),
-                &registry,
-            )
+            .add_listener(std::net::UdpSocket::from(fd), f, &registry)
             .map_err(runtime(format!("cannot use udp socket {}", f.listen)))?;
     }
     Ok(ev)

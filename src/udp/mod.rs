@@ -135,17 +135,11 @@ impl UdpRelay {
         }
     }
 
-    /// Adds a bound socket, of the forward configured to listen on
-    /// `configured`, whose datagrams go to `target`.
-    #[allow(clippy::too_many_arguments)]
+    /// Adds a bound socket for the forward `f`.
     pub(crate) fn add_listener(
         &mut self,
         sock: std::net::UdpSocket,
-        configured: SocketAddr,
-        target: SocketAddr,
-        send_proxy: Option<Version>,
-        transparent: Option<Transparent>,
-        access: crate::cidr::Access,
+        f: &crate::config::Forward,
         registry: &Registry,
     ) -> io::Result<()> {
         sock.set_nonblocking(true)?;
@@ -171,12 +165,12 @@ impl UdpRelay {
         self.listeners.insert(UdpListener {
             sock,
             addr,
-            configured,
+            configured: f.listen,
             retired_at: None,
-            target,
-            send_proxy,
-            transparent,
-            access,
+            target: f.target,
+            send_proxy: f.send_proxy,
+            transparent: f.transparent,
+            access: f.access.clone(),
             fallback_logged: false,
             readable: true,
             queued: false,
@@ -309,16 +303,7 @@ impl UdpRelay {
             if revived.contains(&f.listen) {
                 continue;
             }
-            let added = self.add_listener(
-                std::net::UdpSocket::from(fd),
-                f.listen,
-                f.target,
-                f.send_proxy,
-                f.transparent,
-                f.access.clone(),
-                ctx.registry,
-            );
-            match added {
+            match self.add_listener(std::net::UdpSocket::from(fd), f, ctx.registry) {
                 Ok(()) => log::log!(level, "listening on udp {} -> {}", f.listen, f.target),
                 Err(e) => log::error!("reload: cannot use udp socket {}: {e}", f.listen),
             }
@@ -829,14 +814,15 @@ mod tests {
         let shared = Arc::new(Shared::new(vec![waker], 0, 0));
         let settings = UdpSettings { timeout: Duration::from_secs(90), max_flows: 16, gso: false, rcvbuf: 0 };
         let mut relay = UdpRelay::new(settings, shared, 0);
-        let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
         for addr in ["127.0.0.1:0", "[::1]:0"] {
+            let forward =
+                &crate::config::parse_forward(&format!("udp:{addr}=127.0.0.1:9"), &|_| unreachable!()).unwrap()[0];
             let addr: SocketAddr = addr.parse().unwrap();
             let fd = crate::sys::udp_listener(addr, true, false).unwrap();
             assert!(!pktinfo(fd.as_fd(), addr.is_ipv6()), "{addr}: udp_listener turned PKTINFO on");
             // A socket made elsewhere, like docker's fd 4, gets it from add_listener.
             let sock = std::net::UdpSocket::from(fd);
-            relay.add_listener(sock, addr, target, None, None, Default::default(), poll.registry()).unwrap();
+            relay.add_listener(sock, forward, poll.registry()).unwrap();
             let (_, l) = relay.listeners.iter().last().unwrap();
             assert!(pktinfo(l.sock.as_fd(), addr.is_ipv6()), "{addr}: add_listener left PKTINFO off");
         }
