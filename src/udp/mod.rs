@@ -815,8 +815,11 @@ mod tests {
         let settings = UdpSettings { timeout: Duration::from_secs(90), max_flows: 16, gso: false, rcvbuf: 0 };
         let mut relay = UdpRelay::new(settings, shared, 0);
         for addr in ["127.0.0.1:0", "[::1]:0"] {
-            let forward =
-                &crate::config::parse_forward(&format!("udp:{addr}=127.0.0.1:9"), &|_| unreachable!()).unwrap()[0];
+            let forward = &crate::config::parse_forward(
+                &format!("udp:{}1=127.0.0.1:9", &addr[..addr.len() - 1]),
+                &|_| unreachable!(),
+            )
+            .unwrap()[0];
             let addr: SocketAddr = addr.parse().unwrap();
             let fd = crate::sys::udp_listener(addr, true, false).unwrap();
             assert!(!pktinfo(fd.as_fd(), addr.is_ipv6()), "{addr}: udp_listener turned PKTINFO on");
