@@ -280,7 +280,7 @@ fn a_removed_forward_lets_its_connections_finish() {
 
 /// One loop, no SO_REUSEPORT: moving a forward from 0.0.0.0:P to
 /// 127.0.0.1:P (TCP and UDP) works, the new sockets bound once the old
-/// ones are closed.
+/// ones are closed (the old UDP one with its flow, said in the log).
 #[test]
 fn one_loop_moves_a_forward_to_an_overlapping_address() {
     let q = tcp_and_udp_echo();
@@ -290,13 +290,18 @@ fn one_loop_moves_a_forward_to_an_overlapping_address() {
         argv(["-c", conf.path()])
     });
     let port = r.port();
+    // A flow on the old UDP socket: it keeps that socket open, so with one
+    // loop the reload closes it (flow and all) to bind the new address.
+    let u = udp_client("127.0.0.1:0", PATIENCE);
+    let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(round_trip(&u, to, b"before").is_some());
     reload(&r, &conf, &format!("both:127.0.0.1:{port}=127.0.0.1:{q}\n"), 1);
     assert_eq!(r.count("reloaded: "), 1, "{}", r.log());
+    r.expect_log(&format!("udp 0.0.0.0:{port}: closed with its 1 flows: a new forward needs its port"));
     r.expect_log(&format!("listening on tcp 127.0.0.1:{port}"));
     r.expect_log(&format!("listening on udp 127.0.0.1:{port}"));
     echo_once(&format!("127.0.0.1:{port}"), 4, 1000);
-    let u = udp_client("127.0.0.1:0", PATIENCE);
-    assert!(round_trip(&u, format!("127.0.0.1:{port}").parse().unwrap(), b"moved").is_some());
+    assert!(round_trip(&u, to, b"moved").is_some(), "the client's datagrams reach the new forward");
 }
 
 /// A UDP backend that answers each datagram with `tag` and the datagram.
