@@ -288,23 +288,26 @@ fn flow_table_is_bounded_and_new_clients_still_get_service() {
     let baseline = relay.fds().sockets;
     // A sampler reads the relay's socket count all along.
     let stop = Arc::new(AtomicBool::new(false));
+    let samples = Arc::new(AtomicUsize::new(0));
     let sampler = {
-        let stop = stop.clone();
+        let (stop, samples) = (stop.clone(), samples.clone());
         let pid = relay.pid();
         thread::spawn(move || {
-            let (mut max, mut samples) = (0, 0u64);
+            let mut max = 0;
             let deadline = Instant::now() + Duration::from_secs(60);
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
                 let fds = fds_of(pid);
                 if fds.total > 0 {
                     max = max.max(fds.sockets);
-                    samples += 1;
+                    samples.fetch_add(1, Ordering::Relaxed);
                 }
                 thread::sleep(Duration::from_millis(1));
             }
-            (max, samples)
+            max
         })
     };
+    // On a loaded machine the sampler may start late: wait for its first read.
+    assert!(wait_until(PATIENCE, || samples.load(Ordering::Relaxed) > 0), "the sampler never read the relay's fds");
     let clients: Vec<UdpSocket> = (0..20).map(|_| udp_client("127.0.0.1:0", Duration::from_millis(500))).collect();
     for (i, c) in clients.iter().enumerate() {
         assert!(round_trip(c, to, &pattern(i as u64, 80)).is_some(), "client {i}: no echo; log:\n{}", relay.log());
@@ -317,13 +320,15 @@ fn flow_table_is_bounded_and_new_clients_still_get_service() {
     assert!(round_trip(&late, to, b"late client").is_some(), "new client not served; log:\n{}", relay.log());
     assert!(round_trip(&clients[0], to, b"evicted client").is_some(), "evicted client not served again");
     assert_eq!(relay.fds().sockets, baseline + MAX);
+    // One more read after the last client, then stop.
+    let so_far = samples.load(Ordering::Relaxed);
+    assert!(wait_until(PATIENCE, || samples.load(Ordering::Relaxed) > so_far), "the sampler stopped reading");
     stop.store(true, Ordering::Relaxed);
-    let (max, samples) = sampler.join().unwrap();
+    let max = sampler.join().unwrap();
     // The least recently used flow is closed before the new flow's socket
     // is opened: never one more, not even for an instant. (The exact counts
     // after each client are asserted above; a loaded machine may starve the
     // sampler of the moments at the bound, never of a moment over it.)
-    assert!(samples > 0, "the sampler never read the relay's fds");
     assert!(max <= baseline + MAX, "sampled {max} sockets, baseline {baseline}, --udp-max-flows {MAX}");
     relay.expect_log("least recently used flow closed");
     relay.assert_alive();
