@@ -321,14 +321,26 @@ fn tagged_udp(tag: u8) -> SocketAddr {
 
 /// UDP: a retarget sends new clients to the new backend while a flow
 /// keeps its own; a removed forward's flow runs on and new clients are
-/// dropped and counted (`reason="removed"`).
+/// dropped and counted (`reason="removed"`); back again, it serves new
+/// clients while the old flow still runs.
 #[test]
 fn udp_flows_run_on_and_new_clients_follow_the_config() {
+    udp_reload("1");
+}
+
+/// The same with two loops: each applies the plan to its own socket, and
+/// the page adds their counters by address.
+#[test]
+fn udp_flows_run_on_and_new_clients_follow_the_config_with_two_loops() {
+    udp_reload("2");
+}
+
+fn udp_reload(threads: &str) {
     let (a, b) = (tagged_udp(b'A'), tagged_udp(b'B'));
-    let conf = Conf::new("udp");
+    let conf = Conf::new(&format!("udp-{threads}"));
     let r = Relay::cmd().log("info").start(|p| {
         conf.write(&format!("udp:127.0.0.1:{}={a}\n", p.pick()));
-        argv(["--metrics", &format!("127.0.0.1:{}", p.pick()), "-c", conf.path()])
+        argv(["--threads", threads, "--metrics", &format!("127.0.0.1:{}", p.pick()), "-c", conf.path()])
     });
     let (port, mport) = (r.ports[0], r.ports[1]);
     let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -363,6 +375,14 @@ fn udp_flows_run_on_and_new_clients_follow_the_config() {
     let fresh = udp_client("127.0.0.1:0", PATIENCE);
     fresh.send_to(b"q", ("127.0.0.1", other)).unwrap();
     assert_eq!(recv_any(&fresh, PATIENCE).map(|(d, _)| d[0]), Some(b'B'), "the added forward relays");
+
+    // Back while its flow runs on: the retired socket is taken again (a
+    // loop without one uses a fresh socket), new clients are served again.
+    reload(&r, &conf, &format!("udp:127.0.0.1:{port}={a}\nudp:127.0.0.1:{other}={b}\n"), 3);
+    r.expect_log(&format!("listening on udp 127.0.0.1:{port} -> {a}"));
+    assert_eq!(ask(&old), Some(b'A'), "the flow that ran on still runs");
+    let again = udp_client("127.0.0.1:0", PATIENCE);
+    assert_eq!(ask(&again), Some(b'A'), "a forward back serves new clients");
 }
 
 /// Options in the file change on reload (the connection limit, the idle
