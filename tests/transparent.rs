@@ -133,16 +133,50 @@ impl Net {
         ip(&["-n", b, "-6", "route", "add", "default", "via", "fd00:231:2::1"]);
     }
 
-    /// Runs scripts/transparent-routing.sh in the relay's namespace.
+    /// Runs scripts/transparent-routing.sh in the relay's namespace, with
+    /// the tool it picks itself (nft, here).
     fn routing(&self, action: &str) {
         require_command("nft", "apt-get install nftables");
-        let out =
-            Command::new("ip").args(["netns", "exec", &self.relay, SCRIPT, action, &self.relay_b]).output().unwrap();
-        assert!(out.status.success(), "transparent-routing.sh {action}: {out:?}");
+        self.routing_with(action, None);
+    }
+
+    /// Runs scripts/transparent-routing.sh in the relay's namespace with
+    /// SPLICE_RELAY_FIREWALL set to `firewall` (None: unset).
+    fn routing_with(&self, action: &str, firewall: Option<&str>) {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.relay, SCRIPT, action, &self.relay_b]);
+        match firewall {
+            Some(f) => cmd.env("SPLICE_RELAY_FIREWALL", f),
+            None => cmd.env_remove("SPLICE_RELAY_FIREWALL"),
+        };
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "transparent-routing.sh {action} ({firewall:?}): {out:?}");
+    }
+
+    /// Runs `cmd args` in the relay's namespace; fails the test unless it succeeds.
+    fn relay_exec(&self, cmd: &str, args: &[&str]) -> String {
+        let out = Command::new("ip").args(["netns", "exec", &self.relay, cmd]).args(args).output().unwrap();
+        assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The relay namespace's iptables and ip6tables rules (iptables-save,
+    /// without its dated comments and chain counters), as text.
+    fn relay_iptables_state(&self) -> String {
+        let mut text = String::new();
+        for save in ["iptables-save", "ip6tables-save"] {
+            text += &format!("{save}:\n");
+            for line in self.relay_exec(save, &[]).lines().filter(|l| !l.starts_with('#')) {
+                let line = if line.starts_with(':') { line.split(" [").next().unwrap() } else { line };
+                text += line;
+                text.push('\n');
+            }
+        }
+        text
     }
 
     /// The relay namespace's policy rules, routes of the script's table and
-    /// nft ruleset, as text.
+    /// nft ruleset (without counters: `-s`), as text.
     fn relay_routing_state(&self) -> String {
         let mut text = String::new();
         for args in [
@@ -154,7 +188,8 @@ impl Net {
             let out = Command::new("ip").args(["-n", &self.relay]).args(&args).output().unwrap();
             text += &String::from_utf8_lossy(&out.stdout);
         }
-        let out = Command::new("ip").args(["netns", "exec", &self.relay, "nft", "list", "ruleset"]).output().unwrap();
+        let out =
+            Command::new("ip").args(["netns", "exec", &self.relay, "nft", "-s", "list", "ruleset"]).output().unwrap();
         text + &String::from_utf8_lossy(&out.stdout)
     }
 
@@ -490,4 +525,70 @@ fn a_udp_ipv6_client_of_an_ipv4_backend_falls_back_counted_on_the_line_and_the_p
     let labels = format!("{{listen=\"[{RELAY6}]:{port}\",target=\"{BACKEND4}:{BACKEND_PORT}\"}}");
     assert!(page.contains(&format!("splice_relay_udp_transparent_fallbacks_total{labels} 2\n")), "{page}");
     assert!(page.contains(&format!("splice_relay_udp_transparent_flows_total{labels} 0\n")), "{page}");
+}
+
+/// The iptables rule scripts/transparent-routing.sh adds for IFACE.
+fn iptables_rule(iface: &str) -> String {
+    format!("-A PREROUTING -i {iface} -m socket --transparent -j MARK --set-xmark 0x1/0x1")
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, capabilities); scripts/test.sh runs it"]
+fn with_iptables_forced_the_backend_sees_the_client_ipv4_and_ipv6_and_down_restores_the_namespace() {
+    require_command("iptables", "apt-get install iptables");
+    require_command("ip6tables", "apt-get install iptables");
+    let net = Net::new();
+    // Someone else's mangle rule, which `down` must keep. It also makes the
+    // mangle table exist before `up`: iptables has no command that removes
+    // a table, so the empty built-in chains `up` would create stay after
+    // `down` (checked at the end, and said in the script's header).
+    let foreign = ["-t", "mangle", "-A", "PREROUTING", "-i", "lo", "-m", "comment", "--comment", "not-splice-relay"];
+    for t in ["iptables", "ip6tables"] {
+        net.relay_exec(t, &foreign);
+    }
+    let before = net.relay_routing_state() + &net.relay_iptables_state();
+    let rules = net.relay_iptables_state();
+    assert_eq!(rules.matches("not-splice-relay").count(), 2, "{rules}");
+
+    net.routing_with("up", Some("iptables"));
+    let once = net.relay_routing_state() + &net.relay_iptables_state();
+    net.routing_with("up", Some("iptables"));
+    assert_eq!(net.relay_routing_state() + &net.relay_iptables_state(), once, "a second `up` changes nothing");
+    let rules = net.relay_iptables_state();
+    assert_eq!(rules.matches(&iptables_rule(&net.relay_b)).count(), 2, "one rule per family:\n{rules}");
+    assert_eq!(once.matches("fwmark 0x1/0x1 lookup 2711").count(), 2, "one ip rule per family:\n{once}");
+    assert!(!once.contains("splice_relay_transparent"), "iptables, not the nft table:\n{once}");
+
+    let peers = net.tcp_backend();
+    let r = net.relay(|p| {
+        vec![
+            "--transparent".into(),
+            format!("{RELAY4}:{}={BACKEND4}:{BACKEND_PORT}", p.pick()),
+            format!("[{RELAY6}]:{}=[{BACKEND6}]:{BACKEND_PORT}", p.pick()),
+        ]
+    });
+    let (p4, p6) = (r.ports[0], r.ports[1]);
+    for (i, (to, client_ip)) in [(addr(RELAY4, p4), CLIENT4), (addr(RELAY6, p6), CLIENT6)].into_iter().enumerate() {
+        let c = net.tcp_client(to).unwrap_or_else(|e| panic!("connect {to}: {e}\n{}", r.log()));
+        echo_checked(c, i as u64, 1 << 20);
+        let seen = peers.recv_timeout(PATIENCE).expect("the backend saw no connection");
+        assert_eq!(seen.ip(), client_ip.parse::<IpAddr>().unwrap(), "through {to}");
+    }
+    r.signal(SIGUSR1);
+    r.expect_log(&format!("stats tcp {RELAY4}:{p4} -> {BACKEND4}:{BACKEND_PORT}: open 0 total 1 refused 0 denied 0 failed 0 transparent 1 transparent_fallbacks 0"));
+    r.expect_log(&format!("stats tcp [{RELAY6}]:{p6} -> [{BACKEND6}]:{BACKEND_PORT}: open 0 total 1 refused 0 denied 0 failed 0 transparent 1 transparent_fallbacks 0"));
+
+    // `down` removes its rules, ip rules and routes, and nothing else.
+    net.routing_with("down", Some("iptables"));
+    assert_eq!(net.relay_routing_state() + &net.relay_iptables_state(), before, "down leaves the namespace as it was");
+    net.routing_with("down", Some("iptables"));
+    assert_eq!(net.relay_routing_state() + &net.relay_iptables_state(), before, "a second `down` changes nothing");
+
+    // Without the other rule, no rule at all is left.
+    let delete = foreign.map(|a| if a == "-A" { "-D" } else { a });
+    for t in ["iptables", "ip6tables"] {
+        net.relay_exec(t, &delete);
+    }
+    let after = net.relay_iptables_state();
+    assert!(!after.lines().any(|l| l.starts_with("-A")), "{after}");
 }
