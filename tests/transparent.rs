@@ -592,3 +592,56 @@ fn with_iptables_forced_the_backend_sees_the_client_ipv4_and_ipv6_and_down_resto
     let after = net.relay_iptables_state();
     assert!(!after.lines().any(|l| l.starts_with("-A")), "{after}");
 }
+
+/// Addresses the client (a trusted proxy) names in its PROXY headers: on
+/// the client's networks but on no interface. The backend's default route
+/// is the relay, whose transparent socket takes the replies to them.
+const HEADER4: &str = "10.231.1.7";
+const HEADER6: &str = "fd00:231:1::7";
+
+#[test]
+#[ignore = "needs root (network namespaces, capabilities); scripts/test.sh runs it"]
+fn on_accept_proxy_the_backend_sees_the_header_source_and_port_with_eq_port_and_another_family_falls_back() {
+    let net = Net::new();
+    net.routing("up");
+    let peers = net.tcp_backend();
+    let r = net.relay(|p| {
+        vec![
+            "--trusted-proxies".into(),
+            format!("{CLIENT4}/32,{CLIENT6}/128"),
+            format!("{RELAY4}:{}={BACKEND4}:{BACKEND_PORT},accept-proxy,transparent", p.pick()),
+            format!("{RELAY4}:{}={BACKEND4}:{BACKEND_PORT},accept-proxy,transparent=port", p.pick()),
+            format!("[{RELAY6}]:{}=[{BACKEND6}]:{BACKEND_PORT},accept-proxy,transparent=port", p.pick()),
+        ]
+    });
+    let (p4, p4port, p6port) = (r.ports[0], r.ports[1], r.ports[2]);
+    // (to, header, the address the backend must see, whether its port too)
+    let cases = [
+        (addr(RELAY4, p4), format!("PROXY TCP4 {HEADER4} {RELAY4} 40001 {p4}\r\n"), addr(HEADER4, 40001), false),
+        (addr(RELAY4, p4port), format!("PROXY TCP4 {HEADER4} {RELAY4} 40002 {p4port}\r\n"), addr(HEADER4, 40002), true),
+        (addr(RELAY6, p6port), format!("PROXY TCP6 {HEADER6} {RELAY6} 40003 {p6port}\r\n"), addr(HEADER6, 40003), true),
+        // An IPv6 source for an IPv4 backend: the relay's own address, a fallback.
+        (addr(RELAY4, p4), format!("PROXY TCP6 {HEADER6} {RELAY6} 40004 {p4}\r\n"), addr(RELAY_B4, 0), false),
+    ];
+    for (i, (to, header, want, keeps_port)) in cases.into_iter().enumerate() {
+        let mut c = net.tcp_client(to).unwrap_or_else(|e| panic!("connect {to}: {e}\n{}", r.log()));
+        c.write_all(header.as_bytes()).unwrap();
+        echo_checked(c, 10 + i as u64, 256 << 10);
+        let seen =
+            peers.recv_timeout(PATIENCE).unwrap_or_else(|_| panic!("the backend saw no connection\n{}", r.log()));
+        assert_eq!(seen.ip(), want.ip(), "{header:?} through {to}");
+        if keeps_port {
+            assert_eq!(seen.port(), want.port(), "transparent=port keeps the header's port: {header:?}");
+        }
+    }
+    r.signal(SIGUSR1);
+    r.expect_log(&format!("stats tcp {RELAY4}:{p4} -> {BACKEND4}:{BACKEND_PORT}: open 0 total 2 refused 0 denied 0 failed 0 transparent 1 transparent_fallbacks 1 "));
+    r.expect_log(&format!("stats tcp {RELAY4}:{p4port} -> {BACKEND4}:{BACKEND_PORT}: open 0 total 1 refused 0 denied 0 failed 0 transparent 1 transparent_fallbacks 0 "));
+    r.expect_log(&format!("stats tcp [{RELAY6}]:{p6port} -> [{BACKEND6}]:{BACKEND_PORT}: open 0 total 1 refused 0 denied 0 failed 0 transparent 1 transparent_fallbacks 0 "));
+    let log = r.log();
+    assert_eq!(log.matches("no transparent connect across address families").count(), 1, "{log}");
+    assert!(
+        log.contains(&format!("[{HEADER6}]:40004 -> {BACKEND4}:{BACKEND_PORT}: no transparent connect")),
+        "the line names the header's source:\n{log}"
+    );
+}
