@@ -645,3 +645,54 @@ fn on_accept_proxy_the_backend_sees_the_header_source_and_port_with_eq_port_and_
         "the line names the header's source:\n{log}"
     );
 }
+
+/// The full path of `cmd` on PATH.
+fn which(cmd: &str) -> std::path::PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(cmd))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("`{cmd}` is not on PATH"))
+}
+
+/// A directory removed on drop, even after a failure.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, capabilities); scripts/test.sh runs it"]
+fn a_forced_firewall_tool_that_is_missing_is_named_and_nothing_changes() {
+    let net = Net::new();
+    // A PATH with bash and ip only: neither nft nor iptables.
+    let dir = TempDir(std::env::temp_dir().join(format!("splice-relay-path-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    for cmd in ["bash", "ip"] {
+        std::os::unix::fs::symlink(which(cmd), dir.0.join(cmd)).unwrap();
+    }
+    let before = net.relay_routing_state();
+    let cases = [
+        (
+            "iptables",
+            1,
+            "SPLICE_RELAY_FIREWALL=iptables, but iptables or ip6tables is not on PATH (apt-get install iptables)",
+        ),
+        ("nft", 1, "SPLICE_RELAY_FIREWALL=nft, but nft is not on PATH (apt-get install nftables)"),
+        ("pf", 2, "SPLICE_RELAY_FIREWALL must be nft or iptables, not 'pf'"),
+    ];
+    for (firewall, code, line) in cases {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &net.relay, "env", &format!("PATH={}", dir.0.display())])
+            .arg(format!("SPLICE_RELAY_FIREWALL={firewall}"))
+            .args([SCRIPT, "up", &net.relay_b])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(code), "{firewall}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), format!("{SCRIPT}: {line}\n"), "{firewall}");
+        assert_eq!(net.relay_routing_state(), before, "{firewall}: the namespace is unchanged");
+    }
+}
