@@ -5,31 +5,32 @@
 #   scripts/test.sh [CARGO TEST OPTIONS]     e.g. scripts/test.sh --no-fail-fast
 #
 # The end-to-end tests need python3, prlimit and setpriv (util-linux),
-# haproxy, ip (iproute2), nft (nftables), systemd-analyze and
-# systemd-socket-activate (systemd), man (man-db) and cargo-deb (the
-# Debian package test, tests/deb.rs, which also needs dpkg), and some need
-# root. As root, this installs what is missing (apt-get install haproxy
-# python3 util-linux iproute2 nftables systemd man-db; cargo install
-# cargo-deb --locked); otherwise it names what to install and exits 1.
+# haproxy, ip (iproute2), nft (nftables), iptables and ip6tables
+# (iptables), systemd-analyze and systemd-socket-activate (systemd), man
+# (man-db) and cargo-deb (the Debian package test, tests/deb.rs, which also
+# needs dpkg), and some need root. As root, this installs what is missing
+# (apt-get install haproxy python3 util-linux iproute2 nftables iptables
+# systemd man-db; cargo install cargo-deb --locked); otherwise it names
+# what to install and exits 1.
 # Then it runs `cargo test -- --include-ignored`, leaving out the tests
 # ignored as known relay bugs (see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-for cmd in python3 prlimit setpriv haproxy ip nft systemd-analyze systemd-socket-activate man; do
+for cmd in python3 prlimit setpriv haproxy ip nft iptables ip6tables systemd-analyze systemd-socket-activate man; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "test.sh: missing ${missing[*]}: run as root to install them, or install them yourself:" >&2
-    echo "  apt-get install -y --no-install-recommends haproxy python3 util-linux iproute2 nftables systemd man-db" >&2
+    echo "  apt-get install -y --no-install-recommends haproxy python3 util-linux iproute2 nftables iptables systemd man-db" >&2
     exit 1
   fi
-  echo "test.sh: installing haproxy python3 util-linux iproute2 nftables systemd man-db (missing: ${missing[*]})"
+  echo "test.sh: installing haproxy python3 util-linux iproute2 nftables iptables systemd man-db (missing: ${missing[*]})"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends haproxy python3 util-linux iproute2 nftables systemd man-db >/dev/null
+  apt-get install -y -qq --no-install-recommends haproxy python3 util-linux iproute2 nftables iptables systemd man-db >/dev/null
 fi
 if ! cargo deb --version >/dev/null 2>&1; then
   if [ "$(id -u)" -ne 0 ]; then

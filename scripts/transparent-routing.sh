@@ -19,6 +19,14 @@
 # (the nft table is rebuilt); `down` removes what `up` added (the same
 # --mark and --table; with iptables, the same IFACEs) and nothing else.
 # Needs root, iproute2, and nftables (nft) or iptables.
+#
+# SPLICE_RELAY_FIREWALL=nft|iptables picks the tool (unset or empty: nft
+# when present, else iptables); the one named must be installed, or the
+# script exits 1 saying so, having changed nothing. `down` must use the
+# tool `up` used. With iptables, `down` deletes its rules but not the
+# mangle table's built-in chains iptables made for them (iptables has no
+# command that removes a table): with iptables-nft, empty `ip mangle` and
+# `ip6 mangle` tables with an empty PREROUTING chain, policy accept, stay.
 set -euo pipefail
 
 usage() {
@@ -58,14 +66,37 @@ command -v ip >/dev/null || { echo "$0: needs ip (apt-get install iproute2)" >&2
 mark=$(printf '0x%x' $((mark)))
 nft_table=splice_relay_transparent
 
-if command -v nft >/dev/null; then
-  firewall=nft
-elif command -v iptables >/dev/null && command -v ip6tables >/dev/null; then
-  firewall=iptables
-else
-  echo "$0: needs nft (apt-get install nftables) or iptables (apt-get install iptables)" >&2
-  exit 1
-fi
+has_iptables() { command -v iptables >/dev/null && command -v ip6tables >/dev/null; }
+case "${SPLICE_RELAY_FIREWALL:-}" in
+  nft)
+    command -v nft >/dev/null || {
+      echo "$0: SPLICE_RELAY_FIREWALL=nft, but nft is not on PATH (apt-get install nftables)" >&2
+      exit 1
+    }
+    firewall=nft
+    ;;
+  iptables)
+    has_iptables || {
+      echo "$0: SPLICE_RELAY_FIREWALL=iptables, but iptables or ip6tables is not on PATH (apt-get install iptables)" >&2
+      exit 1
+    }
+    firewall=iptables
+    ;;
+  "")
+    if command -v nft >/dev/null; then
+      firewall=nft
+    elif has_iptables; then
+      firewall=iptables
+    else
+      echo "$0: needs nft (apt-get install nftables) or iptables (apt-get install iptables)" >&2
+      exit 1
+    fi
+    ;;
+  *)
+    echo "$0: SPLICE_RELAY_FIREWALL must be nft or iptables, not '$SPLICE_RELAY_FIREWALL'" >&2
+    exit 2
+    ;;
+esac
 
 # Whether `ip rule show` lists ours. grep reads it all (no -q): with
 # pipefail, an early exit would fail `ip` with SIGPIPE and so the test.

@@ -133,16 +133,50 @@ impl Net {
         ip(&["-n", b, "-6", "route", "add", "default", "via", "fd00:231:2::1"]);
     }
 
-    /// Runs scripts/transparent-routing.sh in the relay's namespace.
+    /// Runs scripts/transparent-routing.sh in the relay's namespace, with
+    /// the tool it picks itself (nft, here).
     fn routing(&self, action: &str) {
         require_command("nft", "apt-get install nftables");
-        let out =
-            Command::new("ip").args(["netns", "exec", &self.relay, SCRIPT, action, &self.relay_b]).output().unwrap();
-        assert!(out.status.success(), "transparent-routing.sh {action}: {out:?}");
+        self.routing_with(action, None);
+    }
+
+    /// Runs scripts/transparent-routing.sh in the relay's namespace with
+    /// SPLICE_RELAY_FIREWALL set to `firewall` (None: unset).
+    fn routing_with(&self, action: &str, firewall: Option<&str>) {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.relay, SCRIPT, action, &self.relay_b]);
+        match firewall {
+            Some(f) => cmd.env("SPLICE_RELAY_FIREWALL", f),
+            None => cmd.env_remove("SPLICE_RELAY_FIREWALL"),
+        };
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "transparent-routing.sh {action} ({firewall:?}): {out:?}");
+    }
+
+    /// Runs `cmd args` in the relay's namespace; fails the test unless it succeeds.
+    fn relay_exec(&self, cmd: &str, args: &[&str]) -> String {
+        let out = Command::new("ip").args(["netns", "exec", &self.relay, cmd]).args(args).output().unwrap();
+        assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The relay namespace's iptables and ip6tables rules (iptables-save,
+    /// without its dated comments and chain counters), as text.
+    fn relay_iptables_state(&self) -> String {
+        let mut text = String::new();
+        for save in ["iptables-save", "ip6tables-save"] {
+            text += &format!("{save}:\n");
+            for line in self.relay_exec(save, &[]).lines().filter(|l| !l.starts_with('#')) {
+                let line = if line.starts_with(':') { line.split(" [").next().unwrap() } else { line };
+                text += line;
+                text.push('\n');
+            }
+        }
+        text
     }
 
     /// The relay namespace's policy rules, routes of the script's table and
-    /// nft ruleset, as text.
+    /// nft ruleset (without counters: `-s`), as text.
     fn relay_routing_state(&self) -> String {
         let mut text = String::new();
         for args in [
@@ -154,7 +188,8 @@ impl Net {
             let out = Command::new("ip").args(["-n", &self.relay]).args(&args).output().unwrap();
             text += &String::from_utf8_lossy(&out.stdout);
         }
-        let out = Command::new("ip").args(["netns", "exec", &self.relay, "nft", "list", "ruleset"]).output().unwrap();
+        let out =
+            Command::new("ip").args(["netns", "exec", &self.relay, "nft", "-s", "list", "ruleset"]).output().unwrap();
         text + &String::from_utf8_lossy(&out.stdout)
     }
 
@@ -490,4 +525,174 @@ fn a_udp_ipv6_client_of_an_ipv4_backend_falls_back_counted_on_the_line_and_the_p
     let labels = format!("{{listen=\"[{RELAY6}]:{port}\",target=\"{BACKEND4}:{BACKEND_PORT}\"}}");
     assert!(page.contains(&format!("splice_relay_udp_transparent_fallbacks_total{labels} 2\n")), "{page}");
     assert!(page.contains(&format!("splice_relay_udp_transparent_flows_total{labels} 0\n")), "{page}");
+}
+
+/// The iptables rule scripts/transparent-routing.sh adds for IFACE.
+fn iptables_rule(iface: &str) -> String {
+    format!("-A PREROUTING -i {iface} -m socket --transparent -j MARK --set-xmark 0x1/0x1")
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, capabilities); scripts/test.sh runs it"]
+fn with_iptables_forced_the_backend_sees_the_client_ipv4_and_ipv6_and_down_restores_the_namespace() {
+    require_command("iptables", "apt-get install iptables");
+    require_command("ip6tables", "apt-get install iptables");
+    let net = Net::new();
+    // Someone else's mangle rule, which `down` must keep. It also makes the
+    // mangle table exist before `up`: iptables has no command that removes
+    // a table, so the empty built-in chains `up` would create stay after
+    // `down` (checked at the end, and said in the script's header).
+    let foreign = ["-t", "mangle", "-A", "PREROUTING", "-i", "lo", "-m", "comment", "--comment", "not-splice-relay"];
+    for t in ["iptables", "ip6tables"] {
+        net.relay_exec(t, &foreign);
+    }
+    let before = net.relay_routing_state() + &net.relay_iptables_state();
+    let rules = net.relay_iptables_state();
+    assert_eq!(rules.matches("not-splice-relay").count(), 2, "{rules}");
+
+    net.routing_with("up", Some("iptables"));
+    let once = net.relay_routing_state() + &net.relay_iptables_state();
+    net.routing_with("up", Some("iptables"));
+    assert_eq!(net.relay_routing_state() + &net.relay_iptables_state(), once, "a second `up` changes nothing");
+    let rules = net.relay_iptables_state();
+    assert_eq!(rules.matches(&iptables_rule(&net.relay_b)).count(), 2, "one rule per family:\n{rules}");
+    assert_eq!(once.matches("fwmark 0x1/0x1 lookup 2711").count(), 2, "one ip rule per family:\n{once}");
+    assert!(!once.contains("splice_relay_transparent"), "iptables, not the nft table:\n{once}");
+
+    let peers = net.tcp_backend();
+    let r = net.relay(|p| {
+        vec![
+            "--transparent".into(),
+            format!("{RELAY4}:{}={BACKEND4}:{BACKEND_PORT}", p.pick()),
+            format!("[{RELAY6}]:{}=[{BACKEND6}]:{BACKEND_PORT}", p.pick()),
+        ]
+    });
+    let (p4, p6) = (r.ports[0], r.ports[1]);
+    for (i, (to, client_ip)) in [(addr(RELAY4, p4), CLIENT4), (addr(RELAY6, p6), CLIENT6)].into_iter().enumerate() {
+        let c = net.tcp_client(to).unwrap_or_else(|e| panic!("connect {to}: {e}\n{}", r.log()));
+        echo_checked(c, i as u64, 1 << 20);
+        let seen = peers.recv_timeout(PATIENCE).expect("the backend saw no connection");
+        assert_eq!(seen.ip(), client_ip.parse::<IpAddr>().unwrap(), "through {to}");
+    }
+    r.signal(SIGUSR1);
+    r.expect_log(&format!("stats tcp {RELAY4}:{p4} -> {BACKEND4}:{BACKEND_PORT}: open 0 total 1 refused 0 denied 0 failed 0 transparent 1 transparent_fallbacks 0"));
+    r.expect_log(&format!("stats tcp [{RELAY6}]:{p6} -> [{BACKEND6}]:{BACKEND_PORT}: open 0 total 1 refused 0 denied 0 failed 0 transparent 1 transparent_fallbacks 0"));
+
+    // `down` removes its rules, ip rules and routes, and nothing else.
+    net.routing_with("down", Some("iptables"));
+    assert_eq!(net.relay_routing_state() + &net.relay_iptables_state(), before, "down leaves the namespace as it was");
+    net.routing_with("down", Some("iptables"));
+    assert_eq!(net.relay_routing_state() + &net.relay_iptables_state(), before, "a second `down` changes nothing");
+
+    // Without the other rule, no rule at all is left.
+    let delete = foreign.map(|a| if a == "-A" { "-D" } else { a });
+    for t in ["iptables", "ip6tables"] {
+        net.relay_exec(t, &delete);
+    }
+    let after = net.relay_iptables_state();
+    assert!(!after.lines().any(|l| l.starts_with("-A")), "{after}");
+}
+
+/// Addresses the client (a trusted proxy) names in its PROXY headers: on
+/// the client's networks but on no interface. The backend's default route
+/// is the relay, whose transparent socket takes the replies to them.
+const HEADER4: &str = "10.231.1.7";
+const HEADER6: &str = "fd00:231:1::7";
+
+#[test]
+#[ignore = "needs root (network namespaces, capabilities); scripts/test.sh runs it"]
+fn on_accept_proxy_the_backend_sees_the_header_source_and_port_with_eq_port_and_another_family_falls_back() {
+    let net = Net::new();
+    net.routing("up");
+    let peers = net.tcp_backend();
+    let r = net.relay(|p| {
+        vec![
+            "--trusted-proxies".into(),
+            format!("{CLIENT4}/32,{CLIENT6}/128"),
+            format!("{RELAY4}:{}={BACKEND4}:{BACKEND_PORT},accept-proxy,transparent", p.pick()),
+            format!("{RELAY4}:{}={BACKEND4}:{BACKEND_PORT},accept-proxy,transparent=port", p.pick()),
+            format!("[{RELAY6}]:{}=[{BACKEND6}]:{BACKEND_PORT},accept-proxy,transparent=port", p.pick()),
+        ]
+    });
+    let (p4, p4port, p6port) = (r.ports[0], r.ports[1], r.ports[2]);
+    // (to, header, the address the backend must see, whether its port too)
+    let cases = [
+        (addr(RELAY4, p4), format!("PROXY TCP4 {HEADER4} {RELAY4} 40001 {p4}\r\n"), addr(HEADER4, 40001), false),
+        (addr(RELAY4, p4port), format!("PROXY TCP4 {HEADER4} {RELAY4} 40002 {p4port}\r\n"), addr(HEADER4, 40002), true),
+        (addr(RELAY6, p6port), format!("PROXY TCP6 {HEADER6} {RELAY6} 40003 {p6port}\r\n"), addr(HEADER6, 40003), true),
+        // An IPv6 source for an IPv4 backend: the relay's own address, a fallback.
+        (addr(RELAY4, p4), format!("PROXY TCP6 {HEADER6} {RELAY6} 40004 {p4}\r\n"), addr(RELAY_B4, 0), false),
+    ];
+    for (i, (to, header, want, keeps_port)) in cases.into_iter().enumerate() {
+        let mut c = net.tcp_client(to).unwrap_or_else(|e| panic!("connect {to}: {e}\n{}", r.log()));
+        c.write_all(header.as_bytes()).unwrap();
+        echo_checked(c, 10 + i as u64, 256 << 10);
+        let seen =
+            peers.recv_timeout(PATIENCE).unwrap_or_else(|_| panic!("the backend saw no connection\n{}", r.log()));
+        assert_eq!(seen.ip(), want.ip(), "{header:?} through {to}");
+        if keeps_port {
+            assert_eq!(seen.port(), want.port(), "transparent=port keeps the header's port: {header:?}");
+        }
+    }
+    r.signal(SIGUSR1);
+    r.expect_log(&format!("stats tcp {RELAY4}:{p4} -> {BACKEND4}:{BACKEND_PORT}: open 0 total 2 refused 0 denied 0 failed 0 transparent 1 transparent_fallbacks 1 "));
+    r.expect_log(&format!("stats tcp {RELAY4}:{p4port} -> {BACKEND4}:{BACKEND_PORT}: open 0 total 1 refused 0 denied 0 failed 0 transparent 1 transparent_fallbacks 0 "));
+    r.expect_log(&format!("stats tcp [{RELAY6}]:{p6port} -> [{BACKEND6}]:{BACKEND_PORT}: open 0 total 1 refused 0 denied 0 failed 0 transparent 1 transparent_fallbacks 0 "));
+    let log = r.log();
+    assert_eq!(log.matches("no transparent connect across address families").count(), 1, "{log}");
+    assert!(
+        log.contains(&format!("[{HEADER6}]:40004 -> {BACKEND4}:{BACKEND_PORT}: no transparent connect")),
+        "the line names the header's source:\n{log}"
+    );
+}
+
+/// The full path of `cmd` on PATH.
+fn which(cmd: &str) -> std::path::PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(cmd))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("`{cmd}` is not on PATH"))
+}
+
+/// A directory removed on drop, even after a failure.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, capabilities); scripts/test.sh runs it"]
+fn a_forced_firewall_tool_that_is_missing_is_named_and_nothing_changes() {
+    let net = Net::new();
+    // A PATH with bash and ip only: neither nft nor iptables.
+    let dir = TempDir(std::env::temp_dir().join(format!("splice-relay-path-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    for cmd in ["bash", "ip"] {
+        std::os::unix::fs::symlink(which(cmd), dir.0.join(cmd)).unwrap();
+    }
+    let before = net.relay_routing_state();
+    let cases = [
+        (
+            "iptables",
+            1,
+            "SPLICE_RELAY_FIREWALL=iptables, but iptables or ip6tables is not on PATH (apt-get install iptables)",
+        ),
+        ("nft", 1, "SPLICE_RELAY_FIREWALL=nft, but nft is not on PATH (apt-get install nftables)"),
+        ("pf", 2, "SPLICE_RELAY_FIREWALL must be nft or iptables, not 'pf'"),
+    ];
+    for (firewall, code, line) in cases {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &net.relay, "env", &format!("PATH={}", dir.0.display())])
+            .arg(format!("SPLICE_RELAY_FIREWALL={firewall}"))
+            .args([SCRIPT, "up", &net.relay_b])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(code), "{firewall}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stderr), format!("{SCRIPT}: {line}\n"), "{firewall}");
+        assert_eq!(net.relay_routing_state(), before, "{firewall}: the namespace is unchanged");
+    }
 }
