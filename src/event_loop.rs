@@ -356,37 +356,28 @@ fn reload_step(p: &mut Parts<'_>, reloader: &mut Option<Reloader>, draining: boo
         p.shared.plan_applied();
     }
     let Some(r) = reloader.as_mut() else { return };
-    // Done once every loop applied its part: only then is READY=1 true.
-    if r.finishing.is_some() && !p.shared.plans_out() {
-        if let Some((whole, summary)) = r.finishing.take() {
-            r.done(whole, &summary);
-        }
-        if r.take_again() {
-            r.request(p.shared);
-        }
-    }
-    if r.finishing.is_some() {
-        return;
-    }
-    let Some(read) = r.take_read() else { return };
-    let prepared = match read {
-        Err(problems) => Err(problems.iter().map(ToString::to_string).collect()),
-        Ok(_) if draining => Err(vec!["draining: nothing changed".to_string()]),
-        Ok(config) => r.prepare(config, p.tcp, p.udp, p.shared.threads()),
-    };
-    match prepared {
-        Err(problems) => {
-            r.fail(&problems);
-            if r.take_again() {
-                r.request(p.shared);
+    // One reload at a time: a read is checked only once the last is done.
+    if r.finishing.is_none() {
+        if let Some(read) = r.take_read() {
+            let prepared = match read {
+                Err(problems) => Err(problems.iter().map(ToString::to_string).collect()),
+                Ok(_) if draining => Err(vec!["draining: nothing changed".to_string()]),
+                Ok(config) => r.prepare(config, p.tcp, p.udp, p.shared.threads()),
+            };
+            match prepared {
+                Err(problems) => r.fail(&problems),
+                Ok((plans, later, summary)) => {
+                    r.finishing = Some((hand_out(p, plans, later, r.ipv6_only(), ctx), summary))
+                }
             }
         }
-        Ok((plans, later, summary)) => {
-            let whole = hand_out(p, plans, later, r.ipv6_only(), ctx);
-            r.finishing = Some((whole, summary));
-            // With one loop (or the others quick), done at once.
-            reload_step(p, reloader, draining, ctx);
-        }
+    }
+    // Done once every loop applied its part: only then is READY=1 true.
+    if let Some((whole, summary)) = r.finishing.take_if(|_| !p.shared.plans_out()) {
+        r.done(whole, &summary);
+    }
+    if r.take_again() {
+        r.request(p.shared);
     }
 }
 

@@ -146,9 +146,10 @@ impl Reloader {
         Some(read)
     }
 
-    /// True (once) if a SIGHUP came while the last read was under way.
+    /// True (once) if a SIGHUP came while the last reload was under way
+    /// and that reload is over: time for the next.
     pub(crate) fn take_again(&mut self) -> bool {
-        std::mem::take(&mut self.again)
+        self.again && self.pending.is_none() && self.finishing.is_none() && std::mem::take(&mut self.again)
     }
 
     /// Checks `config` against the running relay (loop 0's listeners stand

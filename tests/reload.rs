@@ -116,6 +116,8 @@ fn two_hundred_streams_survive_twenty_reloads() {
         argv(["--threads", "2", "-c", conf.path()])
     });
     let kept = r.port();
+    // The kept forward's listener in each loop.
+    let sockets_at_start = r.fds().sockets;
 
     let stop = Arc::new(AtomicBool::new(false));
     let streams: Vec<_> = (0..200)
@@ -170,6 +172,16 @@ fn two_hundred_streams_survive_twenty_reloads() {
     assert!(tries.load(Ordering::Relaxed) >= 20, "the prober hardly ran");
     assert!(checked >= 200 * (16 << 10), "{checked} bytes checked");
     assert_eq!(r.count("reload failed"), 0, "{}", r.log());
+    // Nothing leaks: once every connection is over, the relay holds the
+    // kept forward's and the last added forward's listeners (one per loop)
+    // and no other socket; the retired listeners are gone.
+    let want = sockets_at_start + 2;
+    assert!(
+        wait_until(PATIENCE, || r.fds().sockets == want),
+        "{} sockets, not {want}, once the streams ended:\n{}",
+        r.fds().sockets,
+        tail(&r.log(), 20)
+    );
 }
 
 /// Waits until the metrics page (built at most once a second) shows every
@@ -242,7 +254,8 @@ fn a_broken_config_changes_nothing() {
 
 /// A removed forward's open connection runs on (and its listener goes with
 /// its last connection); with --drain-timeout in the config, the
-/// connections of a forward removed later are reset once it passes.
+/// connections of a forward removed later are reset once it passes; a
+/// forward back while its connection runs takes its listener again.
 #[test]
 fn a_removed_forward_lets_its_connections_finish() {
     let a = echo_server("127.0.0.1:0");
@@ -276,6 +289,25 @@ fn a_removed_forward_lets_its_connections_finish() {
         other => panic!("a connection cut by the drain bound must be reset, got {other:?}"),
     }
     echo_once(&format!("127.0.0.1:{stay}"), 3, 1000);
+
+    // Removed with a connection open, then back before it ends: its
+    // listener is taken again, and both old and new connections work.
+    let both = format!("127.0.0.1:{stay}={a}\n127.0.0.1:{go}={a}\n");
+    reload(&r, &conf, &both, 4);
+    let mut held = connect(&format!("127.0.0.1:{go}"));
+    echo_round(&mut held, b"held").unwrap();
+    reload(&r, &conf, &format!("127.0.0.1:{stay}={a}\n"), 5);
+    assert!(refuses_connections(&format!("127.0.0.1:{go}")));
+    reload(&r, &conf, &both, 6);
+    // At start, and at reloads 2, 4 and 6.
+    assert_eq!(r.count(&format!("listening on tcp 127.0.0.1:{go} -> {a}")), 4, "{}", r.log());
+    echo_once(&format!("127.0.0.1:{go}"), 4, 1000);
+    echo_round(&mut held, b"still held").unwrap();
+    held.shutdown(Shutdown::Write).unwrap();
+    assert!(read_until_closed(&mut held).closed());
+    // A round trip later, a retired listener would have said it is gone.
+    echo_once(&format!("127.0.0.1:{stay}"), 5, 1000);
+    assert_eq!(r.count("its last connection ended"), 2, "a listener taken back is not retired:\n{}", r.log());
 }
 
 /// One loop, no SO_REUSEPORT: moving a forward from 0.0.0.0:P to

@@ -213,26 +213,19 @@ impl TcpRelay {
         for (fi, fd, exclusive) in fresh {
             let Some(f) = forwards.get(fi) else { continue };
             let std = std::net::TcpListener::from(fd);
-            let retired = retired.remove(&f.listen);
-            let added = match retired {
+            let added = match retired.remove(&f.listen) {
                 // Back before its connections ended: the same listener (and counters) again.
                 Some(key) => listen_on(std, key, ctx.registry, exclusive).map(|(sock, addr, nodelay)| {
                     if let Some(l) = self.listeners.get_mut(key) {
                         (l.sock, l.addr, l.nodelay_inherited, l.retired_at) = (Some(sock), addr, nodelay, None);
                         (l.route, l.readable, l.paused) = (f.route(), true, false);
                     }
-                    key
                 }),
-                None => {
-                    let key = self.listeners.vacant_key();
-                    self.add_listener(std, f.listen, f.route(), ctx.registry, exclusive).map(|()| key)
-                }
+                None => self.add_listener(std, f.listen, f.route(), ctx.registry, exclusive),
             };
             match added {
-                Ok(key) => {
-                    log::log!(level, "listening on tcp {} -> {}", f.listen, f.target);
-                    self.accept(key, ctx);
-                }
+                // Clients already waiting make the registration report it readable.
+                Ok(()) => log::log!(level, "listening on tcp {} -> {}", f.listen, f.target),
                 Err(e) => log::error!("reload: cannot use tcp listener {}: {e}", f.listen),
             }
         }

@@ -308,8 +308,9 @@ impl UdpRelay {
                 Err(e) => log::error!("reload: cannot use udp socket {}: {e}", f.listen),
             }
         }
+        // No read here: registering a socket that holds datagrams already
+        // reports it readable, and a retired listener never stopped reading.
         self.close_retired(ctx.registry);
-        self.start(ctx);
     }
 
     /// Closes the retired listeners that have no flow left.
