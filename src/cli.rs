@@ -170,6 +170,11 @@ pub struct Args {
     /// Less logging (-q warnings only, -qq errors only).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub quiet: u8,
+    /// The `-c` files as [`parse`] read them (for their option lines), so
+    /// their forwards come from the same reading, even if a file is
+    /// replaced meanwhile. Empty: read them when the config is made.
+    #[arg(skip)]
+    pub(crate) config_text: Vec<Vec<u8>>,
 }
 
 /// clap's error as one line: what its first line says, without the
@@ -215,9 +220,10 @@ pub fn clap_error_line(e: &clap::Error) -> String {
 ///
 pub fn parse(argv: &[std::ffi::OsString]) -> Result<Args, ParseError> {
     use clap::{CommandFactory, FromArgMatches};
-    let args = Args::try_parse_from(argv).map_err(|e| ParseError::Clap(Box::new(e)))?;
+    let mut args = Args::try_parse_from(argv).map_err(|e| ParseError::Clap(Box::new(e)))?;
     let mut options: Vec<String> = Vec::new();
     let mut problems = Vec::new();
+    let mut texts = Vec::with_capacity(args.config.len());
     for path in &args.config {
         let bytes = match read_config_file(path) {
             Ok(b) => b,
@@ -233,20 +239,22 @@ pub fn parse(argv: &[std::ffi::OsString]) -> Result<Args, ParseError> {
                 Err(e) => problems.push(StartError::Usage(format!("{path}:{i}: {e}"))),
             }
         }
+        texts.push(bytes);
     }
     if !problems.is_empty() {
         return Err(ParseError::Files { check: args.check, problems });
     }
-    if options.is_empty() {
-        return Ok(args);
+    if !options.is_empty() {
+        // The files' options first, so that the command line's come later and win.
+        let mut merged: Vec<std::ffi::OsString> = argv.iter().take(1).cloned().collect();
+        merged.extend(options.into_iter().map(Into::into));
+        merged.extend(argv.iter().skip(1).cloned());
+        let clap = |e| ParseError::Clap(Box::new(e));
+        let matches = Args::command().args_override_self(true).try_get_matches_from(merged).map_err(clap)?;
+        args = Args::from_arg_matches(&matches).map_err(clap)?;
     }
-    // The files' options first, so that the command line's come later and win.
-    let mut merged: Vec<std::ffi::OsString> = argv.iter().take(1).cloned().collect();
-    merged.extend(options.into_iter().map(Into::into));
-    merged.extend(argv.iter().skip(1).cloned());
-    let clap = |e| ParseError::Clap(Box::new(e));
-    let matches = Args::command().args_override_self(true).try_get_matches_from(merged).map_err(clap)?;
-    Args::from_arg_matches(&matches).map_err(clap)
+    args.config_text = texts;
+    Ok(args)
 }
 
 /// Why [`parse`] failed.
@@ -362,11 +370,13 @@ impl Args {
     }
 
     /// The config, or the problems found: all of them if `all`, else the first.
-    fn into_config_all(self, resolve: Resolver<'_>, all: bool) -> Result<Config, Vec<StartError>> {
+    fn into_config_all(mut self, resolve: Resolver<'_>, all: bool) -> Result<Config, Vec<StartError>> {
         let mut problems = Vec::new();
         let mut forwards = Vec::new();
-        for path in &self.config {
-            match read_config_file(path) {
+        let already_read = !self.config.is_empty() && self.config.len() == self.config_text.len();
+        for (i, path) in self.config.iter().enumerate() {
+            let text = if already_read { Ok(std::mem::take(&mut self.config_text[i])) } else { read_config_file(path) };
+            match text {
                 Ok(bytes) => {
                     let (found, bad) = config::parse_config_all(path, &bytes, resolve, all);
                     forwards.extend(found);
